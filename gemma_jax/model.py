@@ -1,0 +1,335 @@
+"""Gemma 1 and Gemma 2 in plain JAX: weight specs, init, KV cache, and the forward pass.
+
+Dimension letters used in names and einsums throughout the project:
+    B batch, T query length, S key length (cache capacity), D model width, N query heads, K kv heads,
+    H head dim, F mlp hidden, V vocab, L layers, R LoRA rank, G group size.
+
+Params are a plain dict pytree. Layer weights are stacked along a leading L axis so the layers can run under
+`lax.scan` (compile time flat in depth):
+    embed [V,D]; final_norm [D];
+    layers: attn_norm [L,D], q [L,D,N,H], k [L,D,K,H], v [L,D,K,H], o [L,N,H,D], ffw_norm [L,D],
+            gate [L,D,F], up [L,D,F], down [L,F,D], and for Gemma 2 post_attn_norm [L,D], post_ffw_norm [L,D].
+
+Numerics follow REFERENCE.md §1 (checked against transformers and Tunix in tests/): embedding scaled by
+sqrt(D) cast to the weight dtype, (1 + w) RMSNorm in float32, half-split RoPE, softcap before masking, a finite
+mask value, float32 softmax, a position-based sliding window (q - W < k <= q), tied and softcapped unembedding.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_jax.config import GemmaConfig
+
+# Masked attention scores get this finite value (not -inf), so a fully padded query row stays finite.
+MASK_VALUE = -2.3819763e38
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis names, mapped to mesh axes by gemma_jax/sharding.py
+    init: str  # "normal" (fan-in scaled), "embed" or "zeros"
+    fan_in: int = 1
+
+
+def param_specs(cfg: GemmaConfig) -> dict:
+    """Every weight declared once: shape, logical axes and init. init_params / abstract_params derive from this."""
+    L, D, F, N, K, H, V = (cfg.num_layers, cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads,
+                           cfg.head_dim, cfg.vocab_size)
+    norm = ParamSpec((L, D), ("layers", "norm"), "zeros")
+    layers = {
+        "attn_norm": norm,
+        "q": ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim"), "normal", D),
+        "k": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal", D),
+        "v": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal", D),
+        "o": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed"), "normal", N * H),
+        "ffw_norm": norm,
+        "gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal", D),
+        "up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal", D),
+        "down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "normal", F),
+    }
+    if cfg.use_post_norms:
+        layers["post_attn_norm"] = norm
+        layers["post_ffw_norm"] = norm
+    return {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), "embed", D),
+        "final_norm": ParamSpec((D,), ("norm",), "zeros"),
+        "layers": layers,
+    }
+
+
+def _is_spec(x):
+    return isinstance(x, ParamSpec)
+
+
+def abstract_params(cfg: GemmaConfig) -> dict:
+    """ShapeDtypeStructs of every weight: no memory allocated (use with jax.eval_shape / lowering)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.dtype), param_specs(cfg), is_leaf=_is_spec)
+
+
+def param_axes(cfg: GemmaConfig) -> dict:
+    """Logical axis names of every weight, same tree as the params."""
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def count_params(tree) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def init_params(cfg: GemmaConfig, seed: int = 0) -> dict:
+    """Random weights from a seed: fan-in scaled normals, embedding with std D^-0.5, norms zero (scale 1 + 0)."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+
+    def make(spec, key):
+        if spec.init == "zeros":
+            return jnp.zeros(spec.shape, cfg.dtype)
+        std = spec.fan_in ** -0.5
+        return (std * jax.random.normal(key, spec.shape, jnp.float32)).astype(cfg.dtype)
+
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+
+
+def init_cache(cfg: GemmaConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache with room for `max_len` tokens per row.
+
+    k, v [L,B,S,K,H]: keys and values by cache slot. pos [B,S]: the position of the token in each slot (the
+    sliding window compares positions, not slots). valid [B,S]: whether a slot holds a real token (left padding
+    does not). index: the next slot to write; all rows advance together, per-row positions differ.
+    """
+    dtype = dtype or cfg.dtype
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "pos": jnp.zeros((batch, max_len), jnp.int32),
+        "valid": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def rms_norm(x, w, eps):
+    """x * rsqrt(mean(x^2) + eps) * (1 + w), computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope(x_BTNH, positions_BT, base):
+    """Rotary embedding, half-split layout: the first half of H pairs with the second half."""
+    H = x_BTNH.shape[-1]
+    inv_freq = base ** (-np.arange(0, H, 2, dtype=np.float32) / H)
+    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+def softcap(x, cap):
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+# LoRA deltas: name -> (einsum from the projection's input to rank R, einsum from R to its output).
+# "kv" is Tunix's fused key/value adapter: one A shared by k and v, B [R,2,K,H].
+LORA_EINSUMS = {
+    "q": ("BTD,DR->BTR", "BTR,RNH->BTNH"),
+    "k": ("BTD,DR->BTR", "BTR,RKH->BTKH"),
+    "v": ("BTD,DR->BTR", "BTR,RKH->BTKH"),
+    "kv": ("BTD,DR->BTR", "BTR,RCKH->CBTKH"),
+    "o": ("BTNH,NHR->BTR", "BTR,RD->BTD"),
+    "gate": ("BTD,DR->BTR", "BTR,RF->BTF"),
+    "up": ("BTD,DR->BTR", "BTR,RF->BTF"),
+    "down": ("BTF,FR->BTR", "BTR,RD->BTD"),
+}
+
+
+def lora_delta(name, x, lora_layer, scale):
+    """(x A B) * scale for the adapter `name` of one layer, or None when that projection has no adapter."""
+    if lora_layer is None or name not in lora_layer:
+        return None
+    to_rank, from_rank = LORA_EINSUMS[name]
+    a, b = lora_layer[name]["a"], lora_layer[name]["b"]
+    h = jnp.einsum(to_rank, x, a.astype(x.dtype))
+    return (jnp.einsum(from_rank, h, b.astype(x.dtype)) * scale).astype(x.dtype)
+
+
+def _project(name, eq, x, w, lora_layer, scale):
+    y = jnp.einsum(eq, x, w)
+    delta = lora_delta(name, x, lora_layer, scale)
+    return y if delta is None else y + delta
+
+
+def attention_masks(cfg, q_pos_BT, k_pos_BS, k_valid_BS, q_slot_T, k_slot_S, q_seg_BT=None, k_seg_BS=None):
+    """Boolean [B,T,S] masks (global, local): causal by slot, key valid, same segment, and for local layers the
+    position-based window q - W < k <= q."""
+    mask = (k_slot_S[None, None, :] <= q_slot_T[None, :, None]) & k_valid_BS[:, None, :]
+    if q_seg_BT is not None:
+        mask &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+    if cfg.sliding_window is None:
+        return mask, mask
+    in_window = k_pos_BS[:, None, :] > q_pos_BT[:, :, None] - cfg.sliding_window
+    return mask, mask & in_window
+
+
+def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache_BSKH, v_cache_BSKH, index):
+    """Self-attention of one layer. With a cache, the new keys/values are written at slot `index` first."""
+    B, T, _ = x_BTD.shape
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q_BTNH = _project("q", "BTD,DNH->BTNH", x_BTD, w["q"], lora_layer, scale)
+    k_BTKH = _project("k", "BTD,DKH->BTKH", x_BTD, w["k"], lora_layer, scale)
+    v_BTKH = _project("v", "BTD,DKH->BTKH", x_BTD, w["v"], lora_layer, scale)
+    kv_delta = lora_delta("kv", x_BTD, lora_layer, scale)
+    if kv_delta is not None:
+        k_BTKH, v_BTKH = k_BTKH + kv_delta[0], v_BTKH + kv_delta[1]
+    q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_base)
+    k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_base)
+    if k_cache_BSKH is not None:
+        k_cache_BSKH = jax.lax.dynamic_update_slice(k_cache_BSKH, k_BTKH.astype(k_cache_BSKH.dtype), (0, index, 0, 0))
+        v_cache_BSKH = jax.lax.dynamic_update_slice(v_cache_BSKH, v_BTKH.astype(v_cache_BSKH.dtype), (0, index, 0, 0))
+        k_BSKH, v_BSKH = k_cache_BSKH, v_cache_BSKH
+    else:
+        k_BSKH, v_BSKH = k_BTKH, v_BTKH
+    q_BTNH = q_BTNH * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
+    # Query heads are grouped over kv heads: N = K * (N // K) (MQA when K = 1, GQA otherwise).
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTKGH.dtype),
+                         preferred_element_type=jnp.float32)
+    s_BKGTS = softcap(s_BKGTS, cfg.attn_logit_softcap)  # before masking, as HF and Tunix do
+    s_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], s_BKGTS, MASK_VALUE)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
+    o_BTNH = o_BTKGH.reshape(B, T, N, H).astype(x_BTD.dtype)
+    out_BTD = _project("o", "BTNH,NHD->BTD", o_BTNH, w["o"], lora_layer, scale)
+    return out_BTD, k_cache_BSKH, v_cache_BSKH
+
+
+def _mlp(x_BTD, w, lora_layer, scale):
+    gate_BTF = _project("gate", "BTD,DF->BTF", x_BTD, w["gate"], lora_layer, scale)
+    up_BTF = _project("up", "BTD,DF->BTF", x_BTD, w["up"], lora_layer, scale)
+    h_BTF = jax.nn.gelu(gate_BTF, approximate=True) * up_BTF
+    return _project("down", "BTF,FD->BTD", h_BTF, w["down"], lora_layer, scale)
+
+
+def _block(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache, v_cache, index):
+    """One transformer block: pre-norm attention and MLP, with Gemma 2's post-norms when configured."""
+    h = rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps)
+    h, k_cache, v_cache = _attention(cfg, h, w, lora_layer, scale, positions_BT, mask_BTS, k_cache, v_cache, index)
+    if cfg.use_post_norms:
+        h = rms_norm(h, w["post_attn_norm"], cfg.norm_eps)
+    x_BTD = x_BTD + h
+    h = _mlp(rms_norm(x_BTD, w["ffw_norm"], cfg.norm_eps), w, lora_layer, scale)
+    if cfg.use_post_norms:
+        h = rms_norm(h, w["post_ffw_norm"], cfg.norm_eps)
+    return x_BTD + h, k_cache, v_cache
+
+
+def embed(params, tokens_BT, cfg):
+    """Token embedding times sqrt(D), the scale cast to the weight dtype first (bf16: sqrt(2304) -> 48.0)."""
+    e = params["embed"]
+    return e[tokens_BT] * jnp.asarray(math.sqrt(cfg.embed_dim), e.dtype)
+
+
+def unembed(params, h_BTD, cfg):
+    """Tied output projection to float32 logits, then Gemma 2's final softcap."""
+    logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, params["embed"], preferred_element_type=jnp.float32)
+    return softcap(logits_BTV, cfg.final_logit_softcap)
+
+
+def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pad_mask_BT=None,
+                   segment_ids_BT=None, cache=None, lora=None):
+    """The transformer up to the final norm: returns (hidden [B,T,D], new cache or None).
+
+    positions_BT: per-token positions; default: count of real tokens before each one (so left padding works).
+    pad_mask_BT: True for real tokens; default all True. Padding is never attended to.
+    segment_ids_BT: tokens attend only within their segment (packed SFT rows); ignored with a cache.
+    cache: from `init_cache`; the T tokens are written at slots [index, index + T) and attend to every valid
+        earlier slot. Returns the updated cache (a new pytree; nothing is mutated).
+    lora: adapters with `.scale` and `.layers` {name: {"a": [L,..], "b": [L,..]}} (see lora/), or None.
+    """
+    B, T = tokens_BT.shape
+    if pad_mask_BT is None:
+        pad_mask_BT = jnp.ones((B, T), bool)
+    pad_mask_BT = pad_mask_BT.astype(bool)
+    if positions_BT is None:
+        positions_BT = jnp.maximum(jnp.cumsum(pad_mask_BT, axis=1) - 1, 0)
+        if cache is not None:
+            positions_BT = positions_BT + jnp.sum(cache["valid"], axis=1, keepdims=True)
+    positions_BT = positions_BT.astype(jnp.int32)
+
+    if cache is None:
+        index = 0
+        slots_S = jnp.arange(T)
+        mask_g, mask_l = attention_masks(cfg, positions_BT, positions_BT, pad_mask_BT, slots_S, slots_S,
+                                         segment_ids_BT, segment_ids_BT)
+    else:
+        index = cache["index"]
+        S = cache["valid"].shape[1]
+        k_pos_BS = jax.lax.dynamic_update_slice(cache["pos"], positions_BT, (0, index))
+        k_valid_BS = jax.lax.dynamic_update_slice(cache["valid"], pad_mask_BT, (0, index))
+        mask_g, mask_l = attention_masks(cfg, positions_BT, k_pos_BS, k_valid_BS, index + jnp.arange(T),
+                                         jnp.arange(S))
+
+    scale = 0.0 if lora is None else lora.scale
+    lora_layers = None if lora is None else lora.layers
+    is_local_L = jnp.asarray(cfg.is_local_layer)
+    x_BTD = embed(params, tokens_BT, cfg)
+
+    def layer(carry, xs):
+        x, k_all, v_all = carry
+        w, lora_layer, is_local, i = xs
+        mask_BTS = jnp.where(is_local, mask_l, mask_g)
+        k_c = None if k_all is None else k_all[i]
+        v_c = None if v_all is None else v_all[i]
+        x, k_c, v_c = _block(cfg, x, w, lora_layer, scale, positions_BT, mask_BTS, k_c, v_c, index)
+        if k_all is not None:
+            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_c, i, 0)
+            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_c, i, 0)
+        return (x, k_all, v_all), None
+
+    if cfg.remat:
+        layer = jax.checkpoint(layer, prevent_cse=not cfg.scan_layers)
+    carry = (x_BTD, None if cache is None else cache["k"], None if cache is None else cache["v"])
+    xs = (params["layers"], lora_layers, is_local_L, jnp.arange(cfg.num_layers))
+    if cfg.scan_layers:
+        carry, _ = jax.lax.scan(layer, carry, xs)
+    else:
+        for i in range(cfg.num_layers):
+            carry, _ = layer(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+    x_BTD, k_all, v_all = carry
+    h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
+    new_cache = None
+    if cache is not None:
+        new_cache = {"k": k_all, "v": v_all, "pos": k_pos_BS, "valid": k_valid_BS, "index": index + T}
+    return h_BTD, new_cache
+
+
+def forward(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pad_mask_BT=None, segment_ids_BT=None,
+            cache=None, lora=None):
+    """Logits [B,T,V] (float32) and the updated cache. Arguments as in `forward_hidden`."""
+    h_BTD, new_cache = forward_hidden(params, tokens_BT, cfg, positions_BT=positions_BT, pad_mask_BT=pad_mask_BT,
+                                      segment_ids_BT=segment_ids_BT, cache=cache, lora=lora)
+    return unembed(params, h_BTD, cfg), new_cache
+
+
+def token_logprobs(params, tokens_BT, cfg: GemmaConfig, *, pad_mask_BT=None, positions_BT=None, lora=None,
+                   temperature: float = 1.0, segment_ids_BT=None, return_entropy: bool = False) -> Any:
+    """log p(tokens[t+1] | tokens[:t+1]) for t in [0, T-1): a [B, T-1] float32 array (teacher forcing).
+
+    Logits are divided by `temperature` before the log-softmax (GRPO scores under the sampling temperature).
+    With return_entropy, also the entropy [B, T-1] of each predictive distribution.
+    """
+    logits_BTV, _ = forward(params, tokens_BT, cfg, positions_BT=positions_BT, pad_mask_BT=pad_mask_BT,
+                            segment_ids_BT=segment_ids_BT, lora=lora)
+    logits_BTV = logits_BTV[:, :-1] / temperature
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    lp_BT = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+    if not return_entropy:
+        return lp_BT
+    ent_BT = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
+    return lp_BT, ent_BT

@@ -1,0 +1,71 @@
+"""SentencePiece tokenizer wrapper with Gemma's special ids and the Gemma chat template.
+
+Gemma ids: pad 0, eos 1, bos 2, unk 3, `<start_of_turn>` 106 and `<end_of_turn>` 107 in the real vocabulary.
+We look the turn markers up by piece, so a small test tokenizer with the same special layout works too.
+Gemma-2-IT stops on eos OR `<end_of_turn>`; both are in `stop_ids`.
+"""
+
+import os
+
+import sentencepiece as spm
+
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
+
+
+class Tokenizer:
+    def __init__(self, model_path: str):
+        model_path = os.fspath(model_path)
+        if os.path.isdir(model_path):
+            model_path = os.path.join(model_path, "tokenizer.model")
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+        self.path = model_path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(model_path)
+        except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError on a corrupt file
+            raise ValueError(f"{model_path}: not a valid sentencepiece model ({e})") from None
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
+        self.eos_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id()
+        self.start_of_turn_id = self._piece_id(START_OF_TURN)
+        self.end_of_turn_id = self._piece_id(END_OF_TURN)
+        self.stop_ids = tuple(i for i in (self.eos_id, self.end_of_turn_id) if i is not None and i >= 0)
+
+    def _piece_id(self, piece):
+        i = self.sp.PieceToId(piece)
+        return None if i == self.sp.unk_id() else i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.GetPieceSize()
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self.sp.EncodeAsIds(text)
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def decode(self, ids) -> str:
+        """Decode ids, dropping pad and everything from the first stop id on."""
+        out = []
+        for i in (int(i) for i in ids):
+            if i in self.stop_ids:
+                break
+            if i not in (self.pad_id, self.bos_id):
+                out.append(i)
+        return self.sp.DecodeIds(out)
+
+    def chat_prompt(self, message: str, system: str | None = None) -> str:
+        """Gemma chat template text for one user turn, ending where the model's answer starts.
+
+        Gemma has no system role: system text is prepended to the user message, separated by a blank line.
+        The leading <bos> is not part of the text: encode with add_bos=True.
+        """
+        if system:
+            message = f"{system}\n\n{message}"
+        return f"{START_OF_TURN}user\n{message}{END_OF_TURN}\n{START_OF_TURN}model\n"
+
+    def encode_chat(self, message: str, system: str | None = None) -> list[int]:
+        if self.start_of_turn_id is None or self.end_of_turn_id is None:
+            raise ValueError(f"{self.path}: tokenizer lacks {START_OF_TURN} / {END_OF_TURN} pieces for the chat template")
+        return self.encode(self.chat_prompt(message, system), add_bos=True)

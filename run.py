@@ -1,0 +1,29 @@
+"""nanotunix entry point: `python run.py --stage sft|grpo|eval|generate [options]`.
+
+With no arguments it runs the GRPO stage of the embedded default (a tiny Gemma and bundled data, on a CPU).
+Each stage's options live with its code; `python run.py --stage X --help` lists them.
+"""
+
+import argparse
+import importlib
+import sys
+
+STAGES = {
+    "sft": "sft.cli",
+    "grpo": "grpo.cli",
+    "eval": "grpo.evaluate",
+    "generate": "gemma_jax.generate",
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(description=__doc__, add_help=False)
+    parser.add_argument("--stage", choices=sorted(STAGES), default="grpo")
+    args, rest = parser.parse_known_args(argv)
+    module = importlib.import_module(STAGES[args.stage])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
