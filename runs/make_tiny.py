@@ -1,0 +1,130 @@
+"""Rebuild the embedded default's tokenizer and pre-trained base model from scratch (used by runs/tiny.sh).
+
+    python runs/make_tiny.py tokenizer --data bundled/data --out bundled
+    python runs/make_tiny.py pretrain  --data bundled/data --out bundled --steps 1500
+
+The tokenizer is a sentencepiece BPE model with Gemma's special-id layout (pad 0, eos 1, bos 2, unk 3, then
+<start_of_turn>, <end_of_turn> and the reasoning/answer tags) and Gemma's habits: digits split one per token, text
+kept as is (newlines, spaces), byte fallback. The base model is a Gemma-2-architecture transformer (GQA, sliding
+window on even layers, both softcaps, post-norms) pre-trained with plain next-token loss on the generated corpus
+(prose problems and worked solutions, no tags), then saved as Hugging Face safetensors.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gemma_jax.config import GemmaConfig  # noqa: E402
+from gemma_jax.model import count_params, forward, init_params  # noqa: E402
+from gemma_jax.tokenizer import Tokenizer  # noqa: E402
+from sft.optim import adamw_init, adamw_update, clip_by_global_norm, lr_schedule  # noqa: E402
+
+SPECIAL_PIECES = ["<start_of_turn>", "<end_of_turn>", "<reasoning>", "</reasoning>", "<answer>", "</answer>"]
+
+# The bundled model: ~2.4M parameters, every Gemma 2 feature on.
+TINY_DEFAULT = GemmaConfig(
+    num_layers=4, embed_dim=192, hidden_dim=768, num_heads=4, num_kv_heads=2, head_dim=48, vocab_size=640,
+    query_pre_attn_scalar=48, attn_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=64,
+    local_layer_period=2, use_post_norms=True,
+)
+
+
+def train_tokenizer(data_dir, out_dir, vocab_size):
+    import sentencepiece as spm
+
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, "tokenizer")
+    spm.SentencePieceTrainer.Train(
+        input=os.path.join(data_dir, "corpus.txt"), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=SPECIAL_PIECES, byte_fallback=True,
+        split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, num_threads=2, minloglevel=2,
+        input_sentence_size=200_000, shuffle_input_sentence=True, seed_sentencepiece_size=200_000,
+    )
+    os.remove(prefix + ".vocab")
+    print(f"tokenizer: {prefix}.model")
+
+
+def corpus_rows(tokenizer, data_dir, seq_len):
+    """The corpus as one token stream (bos + document + eos, repeated), cut into rows of seq_len + 1 tokens."""
+    with open(os.path.join(data_dir, "corpus.txt")) as f:
+        docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    stream = []
+    for d in docs:
+        stream += tokenizer.encode(d, add_bos=True, add_eos=True)
+    n = len(stream) // (seq_len + 1)
+    return np.asarray(stream[: n * (seq_len + 1)], np.int32).reshape(n, seq_len + 1)
+
+
+def pretrain(data_dir, out_dir, *, steps, batch, seq_len, lr, seed):
+    cfg = TINY_DEFAULT
+    tok = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
+    if tok.vocab_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} pieces but TINY_DEFAULT.vocab_size is {cfg.vocab_size}")
+    rows = corpus_rows(tok, data_dir, seq_len)
+    print(f"corpus: {rows.shape[0]} rows of {seq_len + 1} tokens ({rows.size / 1e6:.2f}M tokens)")
+    params = init_params(cfg, seed)
+    print(f"model: {count_params(params) / 1e6:.2f}M parameters")
+    opt = adamw_init(params)
+
+    def loss_fn(p, x_BT):
+        logits, _ = forward(p, x_BT[:, :-1], cfg)
+        logp = jax.nn.log_softmax(logits, -1)
+        return -jnp.mean(jnp.take_along_axis(logp, x_BT[:, 1:, None], -1))
+
+    @jax.jit
+    def step_fn(p, opt, x_BT, step):
+        loss, grads = jax.value_and_grad(loss_fn)(p, x_BT)
+        grads, norm = clip_by_global_norm(grads, 1.0)
+        lr_t = lr_schedule(step, peak_lr=lr, warmup_steps=min(100, steps // 10), total_steps=steps, final_ratio=0.1)
+        p, opt = adamw_update(grads, opt, p, lr_t, b2=0.99, weight_decay=0.01)
+        return p, opt, loss, norm
+
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    for step in range(steps):
+        idx = rng.integers(0, rows.shape[0], batch)
+        params, opt, loss, norm = step_fn(params, opt, jnp.asarray(rows[idx]), step)
+        if step % 50 == 0 or step == steps - 1:
+            el = time.time() - t0
+            print(f"step {step:5d}  loss {float(loss):.4f}  grad-norm {float(norm):.3f}  "
+                  f"{(step + 1) * batch * seq_len / el:.0f} tok/s  eta {el / (step + 1) * (steps - step - 1):.0f}s",
+                  flush=True)
+    from gemma_jax.checkpoint import save_hf
+
+    base_dir = os.path.join(out_dir, "base")
+    save_hf(base_dir, cfg, params)
+    with open(os.path.join(base_dir, "pretrain.json"), "w") as f:
+        json.dump({"steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed,
+                   "final_loss": float(loss)}, f, indent=1)
+    print(f"base model: {base_dir}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["tokenizer", "pretrain"])
+    ap.add_argument("--data", default="bundled/data")
+    ap.add_argument("--out", default="bundled")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.what == "tokenizer":
+        train_tokenizer(args.data, args.out, TINY_DEFAULT.vocab_size)
+    else:
+        pretrain(args.data, args.out, steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
+                 seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
