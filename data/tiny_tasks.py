@@ -123,9 +123,9 @@ def write_all(out_dir, *, seed=0, n_sft=2000, n_rl=1000, n_eval=200, n_corpus=20
     for name, items in [("sft_train", splits["sft"]), ("sft_eval", splits["eval"])]:
         with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["user", "assistant"])
+            w.writerow(["user", "assistant", "domain"])
             for it in items:
-                w.writerow([it["question"], render_completion(it["reasoning"], it["answer"])])
+                w.writerow([it["question"], render_completion(it["reasoning"], it["answer"]), it["domain"]])
     for name, items in [("rl_train", splits["rl"]), ("rl_eval", splits["eval"])]:
         with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
             w = csv.writer(f)

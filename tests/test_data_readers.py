@@ -1,0 +1,133 @@
+"""Streaming readers: parquet (nested columns, batches), CSV (strings only, multi-line values, bad rows), JSONL
+(bad lines counted or fatal), required/optional columns, and errors that name the file."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data.readers import BadRow, file_format, iter_rows, iter_sources
+
+CONV = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
+
+
+def _bespoke_table(n):
+    return pa.table({
+        "system": pa.array([f"sys {i}" for i in range(n)], pa.string()),
+        "conversations": pa.array([[{"from": "user", "value": f"q{i}"}, {"from": "assistant", "value": f"a{i}"}]
+                                   for i in range(n)], CONV),
+    })
+
+
+def test_parquet_streams_nested_rows_in_batches(tmp_path):
+    path = tmp_path / "b.parquet"
+    pq.write_table(_bespoke_table(5), path, row_group_size=2)
+    rows = list(iter_rows(path, ["conversations"], batch_size=2))
+    assert [i for i, _ in rows] == [0, 1, 2, 3, 4]
+    assert rows[3][1] == {"conversations": [{"from": "user", "value": "q3"}, {"from": "assistant", "value": "a3"}]}
+    # Optional columns come along only when present.
+    row = next(iter_rows(path, ["conversations"], optional_columns=("system", "nope")))[1]
+    assert sorted(row) == ["conversations", "system"] and row["system"] == "sys 0"
+    assert sorted(next(iter_rows(path))[1]) == ["conversations", "system"]
+
+
+def test_parquet_missing_column_names_file_and_columns_found(tmp_path):
+    path = tmp_path / "b.parquet"
+    pq.write_table(_bespoke_table(2), path)
+    with pytest.raises(ValueError) as e:
+        list(iter_rows(path, ["prompt", "conversations"]))
+    msg = str(e.value)
+    assert str(path) in msg and "['prompt']" in msg and "['system', 'conversations']" in msg
+
+
+def test_corrupt_and_unknown_files(tmp_path):
+    bad = tmp_path / "x.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="x.parquet: not a readable parquet file"):
+        list(iter_rows(bad))
+    with pytest.raises(ValueError, match=r"y.txt: unsupported file type"):
+        iter_rows(tmp_path / "y.txt")
+    with pytest.raises(FileNotFoundError, match="z.jsonl"):
+        iter_rows(tmp_path / "z.jsonl")
+    assert [file_format(p) for p in ("a.PARQUET", "a.pq", "a.csv.gz", "a.ndjson", "a.jsonl.gz")] == \
+        ["parquet", "parquet", "csv", "jsonl", "jsonl"]
+
+
+def test_csv_reads_strings_multiline_values_and_counts_bad_rows(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text('question,answer,domain\n"What is 2+2?\nThink.",007,math\n'
+                    'only one field\nq3,,\n"q4, with comma",NA,general\n')
+    rows = list(iter_rows(path, ["question", "answer"], optional_columns=("domain",)))
+    assert len(rows) == 4
+    bad = [r for _, r in rows if isinstance(r, BadRow)]
+    assert len(bad) == 1 and bad[0].reason == "bad_csv_row" and "r.csv" in bad[0].message
+    assert "1 fields, expected 3" in bad[0].message
+    good = [r for _, r in rows if not isinstance(r, BadRow)]
+    assert good == [
+        {"question": "What is 2+2?\nThink.", "answer": "007", "domain": "math"},
+        {"question": "q3", "answer": "", "domain": ""},
+        {"question": "q4, with comma", "answer": "NA", "domain": "general"},
+    ]
+    with pytest.raises(ValueError, match=r"missing required column\(s\) \['user'\]; columns found: \['question'"):
+        list(iter_rows(path, ["user"]))
+    with pytest.raises(ValueError, match=r"r\.csv: .*Expected 3 columns, got 1"):
+        list(iter_rows(path, ["question"], on_bad_line="raise"))
+
+
+def test_csv_gz(tmp_path):
+    path = tmp_path / "r.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("user,assistant\nhi,there\n")
+    assert list(iter_rows(path, ["user"])) == [(0, {"user": "hi"})]
+
+
+def test_jsonl_bad_lines_are_counted_or_fatal(tmp_path):
+    path = tmp_path / "g.jsonl"
+    lines = [json.dumps({"prompt": "p0", "response": "r0", "extra": 1}), "", "{not json",
+             json.dumps(["a", "list"]), json.dumps({"prompt": "p4"})]
+    path.write_text("\n".join(lines) + "\n")
+    rows = list(iter_rows(path, ["prompt", "response"]))
+    assert [i for i, _ in rows] == [0, 2, 3, 4]  # line numbers; the blank line 1 is skipped
+    assert rows[0][1] == {"prompt": "p0", "response": "r0"}  # projected to the asked columns
+    assert isinstance(rows[1][1], BadRow) and rows[1][1].reason == "bad_json"
+    assert "g.jsonl: line 3: invalid JSONL row" in rows[1][1].message
+    assert "expected a JSON object, got list" in rows[2][1].message
+    assert rows[3][1] == {"prompt": "p4"}  # a missing key is left for the converter to count
+    with pytest.raises(ValueError, match="g.jsonl: line 3: invalid JSONL row"):
+        list(iter_rows(path, on_bad_line="raise"))
+
+
+def test_jsonl_invalid_utf8_is_a_bad_row(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_bytes(b'{"a": "ok"}\n{"a": "\xff\xfe"}\n')
+    rows = list(iter_rows(path))
+    assert rows[0] == (0, {"a": "ok"}) and rows[1][1].reason == "bad_json" and "line 2" in rows[1][1].message
+
+
+def test_iter_sources_paths_and_records(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"x": 1}\n')
+    b.write_text('{"x": 2}\n{"x": 3}\n')
+    assert [(w.split("/")[-1], r) for w, r in iter_sources([a, str(b)])] == \
+        [("a.jsonl: row 0", {"x": 1}), ("b.jsonl: row 0", {"x": 2}), ("b.jsonl: row 1", {"x": 3})]
+    out = list(iter_sources(iter([{"x": 1}, "oops"])))
+    assert out[0] == ("<records>[0]", {"x": 1}) and out[1][1].reason == "wrong_type"
+    assert list(iter_sources([])) == []
+    with pytest.raises(ValueError, match="one dict"):
+        list(iter_sources({"x": 1}))
+
+
+def test_readers_stream_without_reading_the_whole_file(tmp_path):
+    """A fatal error placed at the end of a large file is not hit when only the first rows are taken."""
+    import itertools
+
+    jl = tmp_path / "big.jsonl"
+    jl.write_text('{"a": "x"}\n' * 50_000 + "{broken\n")
+    assert len(list(itertools.islice(iter_rows(jl, on_bad_line="raise"), 10))) == 10
+    cv = tmp_path / "big.csv"
+    cv.write_text("a,b\n" + "x,y\n" * 1_000_000 + "only_one_field\n")  # ~4 MB: several 1 MB CSV blocks
+    assert list(itertools.islice(iter_rows(cv, ["a"], on_bad_line="raise"), 3)) == [(i, {"a": "x"}) for i in range(3)]
+    with pytest.raises(ValueError, match=r"big\.csv: .*Expected 2 columns, got 1"):
+        list(iter_rows(cv, ["a"], on_bad_line="raise"))
