@@ -1,8 +1,15 @@
 """Gemma 1 / Gemma 2 in plain JAX: config, model, sampler, sharding, checkpoints, tokenizer."""
 
 from gemma_jax.config import GEMMA2_2B, GEMMA_2B, MID, TINY, TINY_GEMMA1, GemmaConfig, config_from_hf
-from gemma_jax.model import (abstract_params, count_params, forward, forward_hidden, init_cache, init_params,
-                             token_logprobs)
+from gemma_jax.model import (
+    abstract_params,
+    count_params,
+    forward,
+    forward_hidden,
+    init_cache,
+    init_params,
+    token_logprobs,
+)
 from gemma_jax.tokenizer import Tokenizer
 
 

@@ -185,7 +185,8 @@ def config_from_hf(path_or_dict, *, param_dtype: str | None = None) -> GemmaConf
     if layer_types is not None:
         expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(kw["num_layers"])]
         if list(layer_types) != expected:
-            raise ValueError(f"{source}: layer_types must alternate sliding/full starting with sliding; got {layer_types}")
+            raise ValueError(f"{source}: layer_types must alternate sliding/full starting with sliding; "
+                             f"got {layer_types}")
     return GemmaConfig(
         query_pre_attn_scalar=float(need("query_pre_attn_scalar")),
         attn_logit_softcap=raw.get("attn_logit_softcapping"),
@@ -221,7 +222,9 @@ def config_to_hf(cfg: GemmaConfig) -> dict:
         if cfg.local_layer_period not in (0, 2):
             raise ValueError("only local_layer_period 2 (Gemma 2 alternation) can be exported to transformers")
         out.update(
-            query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+            # transformers 5 validates this field as an int when it is a whole number.
+            query_pre_attn_scalar=(int(cfg.query_pre_attn_scalar) if float(cfg.query_pre_attn_scalar).is_integer()
+                                   else cfg.query_pre_attn_scalar),
             attn_logit_softcapping=cfg.attn_logit_softcap,
             final_logit_softcapping=cfg.final_logit_softcap,
             sliding_window=cfg.sliding_window,

@@ -67,5 +67,6 @@ class Tokenizer:
 
     def encode_chat(self, message: str, system: str | None = None) -> list[int]:
         if self.start_of_turn_id is None or self.end_of_turn_id is None:
-            raise ValueError(f"{self.path}: tokenizer lacks {START_OF_TURN} / {END_OF_TURN} pieces for the chat template")
+            raise ValueError(f"{self.path}: tokenizer lacks {START_OF_TURN} / {END_OF_TURN} pieces "
+                             "for the chat template")
         return self.encode(self.chat_prompt(message, system), add_bos=True)

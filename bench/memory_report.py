@@ -1,0 +1,152 @@
+"""Memory of a full-size GEMMA2_2B LoRA train step: XLA's own numbers next to gemma_jax/memory.py's estimate,
+then what fits on a few accelerators.
+
+The step (rank 32 on q/kv/gate/up/down, bf16 base, float32 LoRA + AdamW, masked next-token CE, per-layer remat)
+is lowered and compiled for a fake 8-device CPU mesh from abstract inputs (jax.ShapeDtypeStruct with shardings),
+so nothing of the 2B model is allocated. `compiled.memory_analysis()` is per device.
+
+    python bench/memory_report.py                  # fsdp=2,tp=4 and fsdp=1,tp=8, batch 2 x 2048 (~1-3 minutes)
+    python bench/memory_report.py --batch 8 --seq 1024 --mesh fsdp=8
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from gemma_jax import memory  # noqa: E402
+from gemma_jax.config import GEMMA2_2B  # noqa: E402
+from gemma_jax.model import abstract_params, token_logprobs  # noqa: E402
+from gemma_jax.sharding import batch_sharding, lora_shardings, make_mesh, optimizer_shardings, param_shardings  # noqa: E402
+from lora.adapters import DEFAULT_TARGETS, LoRA, lora_shapes  # noqa: E402
+from sft.optim import adamw_update, clip_by_global_norm  # noqa: E402
+
+GB = 1e9
+
+
+def make_train_step(cfg, lr=1e-5):
+    """(lora, opt, params, tokens_BT, mask_BT) -> (lora, opt, loss): masked next-token CE, grads of the adapters
+    only, global-norm clip 1.0, AdamW. The loss is the project's token_logprobs (log-softmax over the vocab)."""
+    def loss_fn(lora, params, tokens_BT, mask_BT):
+        lp_BT = token_logprobs(params, tokens_BT, cfg, pad_mask_BT=mask_BT, lora=lora)
+        m_BT = mask_BT[:, 1:].astype(jnp.float32)
+        return -jnp.sum(lp_BT * m_BT) / jnp.maximum(jnp.sum(m_BT), 1.0)
+
+    def step(lora, opt, params, tokens_BT, mask_BT):
+        loss, grads = jax.value_and_grad(loss_fn)(lora, params, tokens_BT, mask_BT)
+        grads, _ = clip_by_global_norm(grads, 1.0)
+        lora, opt = adamw_update(grads, opt, lora, lr, weight_decay=0.1)
+        return lora, opt, loss
+
+    return step
+
+
+def abstract_inputs(cfg, rank, batch, seq_len, mesh, lora_dtype=jnp.float32):
+    """ShapeDtypeStructs (with shardings) of every train-step input: nothing is allocated."""
+    def sds(shape, dtype, sharding):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    L = cfg.num_layers
+    lora_shape = LoRA(layers={n: {"a": jax.ShapeDtypeStruct((L, *a), lora_dtype), "b": jax.ShapeDtypeStruct((L, *b),
+                      lora_dtype)} for n, (a, b) in lora_shapes(cfg, rank, DEFAULT_TARGETS).items()}, scale=2.0)
+    l_sh = lora_shardings(lora_shape, mesh)
+    lora = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), lora_shape, l_sh)
+    o_sh = optimizer_shardings(l_sh, mesh)
+    opt = {"count": sds((), jnp.int32, o_sh["count"]),
+           "mu": jax.tree.map(lambda x: sds(x.shape, jnp.float32, x.sharding), lora),
+           "nu": jax.tree.map(lambda x: sds(x.shape, jnp.float32, x.sharding), lora)}
+    params = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), abstract_params(cfg), param_shardings(cfg, mesh))
+    tokens = sds((batch, seq_len), jnp.int32, batch_sharding(mesh))
+    mask = sds((batch, seq_len), jnp.bool_, batch_sharding(mesh))
+    return lora, opt, params, tokens, mask
+
+
+def compile_step(cfg, rank, batch, seq_len, mesh):
+    """Lower and compile the step for abstract inputs; returns (compiled, seconds)."""
+    args = abstract_inputs(cfg, rank, batch, seq_len, mesh)
+    t0 = time.perf_counter()
+    compiled = jax.jit(make_train_step(cfg), donate_argnums=(0, 1)).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def report_compiled(cfg, rank, batch, seq_len, mesh_spec):
+    mesh = make_mesh(mesh_spec)
+    compiled, secs = compile_step(cfg, rank, batch, seq_len, mesh)
+    ma = compiled.memory_analysis()
+    est = memory.estimate_bytes(cfg, param_dtype=cfg.param_dtype, lora_rank=rank, batch=batch, seq_len=seq_len,
+                                mesh_shape=dict(mesh.shape), remat=cfg.remat)
+    print(f"\n== GEMMA2_2B LoRA r{rank} step, batch {batch} x {seq_len}, mesh {mesh_spec}, remat {cfg.remat} "
+          f"(compiled in {secs:.0f} s), per device ==")
+    print(f"XLA arguments   {ma.argument_size_in_bytes / GB:8.2f} GB   estimate params+LoRA+opt "
+          f"{(est['base_params'] + est['lora_params'] + est['optimizer']) / GB:8.2f} GB")
+    print(f"XLA outputs     {ma.output_size_in_bytes / GB:8.2f} GB   (aliased with donated inputs: "
+          f"{ma.alias_size_in_bytes / GB:.2f} GB)")
+    print(f"XLA temps       {ma.temp_size_in_bytes / GB:8.2f} GB   estimate activations+grads "
+          f"{(est['activations'] + est['grads']) / GB:8.2f} GB  (ratio XLA/estimate "
+          f"{ma.temp_size_in_bytes / (est['activations'] + est['grads']):.2f})")
+    xla_peak = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+    print(f"XLA total       {xla_peak / GB:8.2f} GB   estimate train_total {est['train_total'] / GB:8.2f} GB")
+    return ma, est
+
+
+def what_fits(cfg, rank):
+    """Largest SFT batch x length and GRPO group that fit in each device's memory, by the estimate (90% usable)."""
+    devices = [("TPU v5e-8, fsdp=1,tp=4 (per chip)", 16, {"tp": 4}), ("TPU v5e-8, fsdp=1,tp=8", 16, {"tp": 8}),
+               ("TPU v5e-8, fsdp=8", 16, {"fsdp": 8}), ("H100 80 GB", 80, {}), ("24 GB GPU", 24, {})]
+    print("\n== What fits: GEMMA2_2B, bf16 base, LoRA r32 f32 + AdamW, remat on (estimate, 90% of memory) ==")
+    print(f"{'device':36s} {'SFT 2048: max batch':>20s} {'SFT batch 2: max len':>21s} {'GRPO G=4 x 1024':>16s} "
+          f"{'sampling cache G=4':>19s}")
+    for name, gb, mesh_shape in devices:
+        budget = 0.9 * gb * GB
+        rows = []
+
+        def fits(b, t, m=mesh_shape):
+            return memory.estimate_bytes(cfg, param_dtype="bfloat16", lora_rank=rank, batch=b, seq_len=t,
+                                         mesh_shape=m, remat=True)["train_total"] <= budget
+
+        dp = mesh_shape.get("fsdp", 1)
+        b = dp
+        while fits(b + dp, 2048):
+            b += dp
+        rows.append(f"{b if fits(b, 2048) else 0}")
+        t = 128
+        while fits(max(2, dp), t * 2):
+            t *= 2
+        rows.append(f"{t if fits(max(2, dp), t) else 0}")
+        grpo = memory.estimate_bytes(cfg, param_dtype="bfloat16", lora_rank=rank, batch=4, seq_len=256 + 768,
+                                     mesh_shape=mesh_shape, remat=True, cache_batch=4, cache_len=1024)
+        rows.append(f"{grpo['train_total'] / GB:.1f} GB {'fits' if grpo['train_total'] <= budget else 'NO'}")
+        rows.append(f"{grpo['sample_total'] / GB:.1f} GB")
+        print(f"{name:36s} {rows[0]:>20s} {rows[1]:>21s} {rows[2]:>16s} {rows[3]:>19s}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--mesh", action="append", help="mesh spec(s); default fsdp=2,tp=4 and fsdp=1,tp=8")
+    ap.add_argument("--no-remat", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = dataclasses.replace(GEMMA2_2B, param_dtype="bfloat16", remat=not args.no_remat)
+    for spec in args.mesh or ["fsdp=2,tp=4", "fsdp=1,tp=8"]:
+        report_compiled(cfg, args.rank, args.batch, args.seq, spec)
+    est = {m: memory.estimate_bytes(cfg, param_dtype="bfloat16", lora_rank=args.rank, batch=args.batch,
+                                    seq_len=args.seq, mesh_shape=ms, remat=True)
+           for m, ms in (("1 device", {}), ("fsdp=2,tp=4", {"fsdp": 2, "tp": 4}), ("tp=8", {"tp": 8}))}
+    print(f"\n== Estimate per device, batch {args.batch} x {args.seq} ==")
+    print(memory.format_table(est))
+    what_fits(cfg, args.rank)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

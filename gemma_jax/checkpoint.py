@@ -1,0 +1,465 @@
+"""Checkpoint I/O: Hugging Face safetensors folders (load and save) and Kaggle Flax/orbax Gemma checkpoints (load).
+
+Both loaders fill preallocated stacked numpy arrays one tensor (HF) or one layer (Kaggle) at a time, so peak host
+memory is about one model plus one tensor, then hand the arrays to JAX leaf by leaf. Every tensor is checked: a
+missing, unknown, wrongly shaped, wrongly typed or truncated tensor raises a ValueError naming the tensor and file.
+
+HF names (REFERENCE.md §2), linear weights stored [out, in]; ours are [in, ...out] (model.py docstring):
+    model.embed_tokens.weight [V,D] -> embed;  model.norm.weight [D] -> final_norm
+    model.layers.{i}.self_attn.q_proj [N*H,D] -> q[i] [D,N,H];  k_proj / v_proj [K*H,D] -> k[i] / v[i] [D,K,H]
+    model.layers.{i}.self_attn.o_proj [D,N*H] -> o[i] [N,H,D]
+    model.layers.{i}.mlp.gate_proj / up_proj [F,D] -> gate[i] / up[i] [D,F];  down_proj [D,F] -> down[i] [F,D]
+    Gemma 1: input_layernorm -> attn_norm, post_attention_layernorm -> ffw_norm
+    Gemma 2: input_layernorm -> attn_norm, post_attention_layernorm -> post_attn_norm,
+             pre_feedforward_layernorm -> ffw_norm, post_feedforward_layernorm -> post_ffw_norm
+    lm_head.weight: accepted only when equal to the embedding (Gemma ties them).
+
+Kaggle names, as Tunix 0.1.7 `tunix/models/gemma/params.py` + `Gemma.from_params` read them (orbax PyTree whose
+top-level keys are slash-joined module paths, leaves `w` / `scale` / `input_embedding`):
+    transformer/embedder/input_embedding [Vp,D];  transformer/final_norm/scale [D]
+    transformer/layer_{i}/attn/q_einsum/w [N,D,H] + kv_einsum/w [2,K,D,H], or qkv_einsum/w [3,N,D,H] (K == N)
+    transformer/layer_{i}/attn/attn_vec_einsum/w [N,H,D]
+    transformer/layer_{i}/mlp/gating_einsum/w [2,D,F] (Tunix, Gemma 1) or [2,F,D] (Gemma 2 releases); [0] gate, [1] up
+    transformer/layer_{i}/mlp/linear/w [F,D]
+    transformer/layer_{i}/{pre_attention_norm, pre_ffw_norm, post_attention_norm, post_ffw_norm}/scale [D]
+Decisions: (1) Tunix pads the embedding to 256128 rows; the real vocabulary (tokenizer, HF checkpoints) has 256000,
+so we keep only the first cfg.vocab_size rows (256000 when the config is inferred from a 256128-row embedding).
+The padded ids are never produced by the tokenizer, and the kept logits equal Tunix's for every real id.
+(2) With D == F a gating tensor is ambiguous; we read it as [2,D,F], the layout Tunix assigns without transposing.
+(3) An inferred Gemma 2 config takes the Gemma 2 2B constants: softcaps 50/30, window 4096 on even layers, and
+query_pre_attn_scalar = head_dim (true for 2B and 9B, and what Tunix hard-codes). Pass `cfg` for anything else.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import struct
+
+import ml_dtypes  # registers bfloat16 with numpy: safetensors' numpy backend needs it to read BF16
+import numpy as np
+
+from gemma_jax.config import GEMMA2_2B, GemmaConfig, config_from_hf, config_to_hf
+from gemma_jax.model import param_specs
+
+_ST_TO_NP = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
+_NP_TO_ST = {v.name: k for k, v in _ST_TO_NP.items()}
+_FLOAT_NAMES = ("float32", "bfloat16", "float16")
+TUNIX_PADDED_VOCAB = 256_128  # Tunix's embedding rows for real Gemma checkpoints
+GEMMA_VOCAB = 256_000  # the real tokenizer's vocabulary
+
+
+def _dtype_name(dtype) -> str | None:
+    if dtype is None:
+        return None
+    name = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype).name
+    if name not in _FLOAT_NAMES:
+        raise ValueError(f"dtype must be one of {_FLOAT_NAMES}, got {dtype!r}")
+    return name
+
+
+def _empty_params(cfg: GemmaConfig) -> dict:
+    """Uninitialised numpy arrays with the shapes of param_specs(cfg): every one is filled by a loader."""
+    dtype = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
+    specs = param_specs(cfg)
+    return {"embed": np.empty(specs["embed"].shape, dtype), "final_norm": np.empty(specs["final_norm"].shape, dtype),
+            "layers": {k: np.empty(s.shape, dtype) for k, s in specs["layers"].items()}}
+
+
+def _to_jax(params: dict) -> dict:
+    """numpy -> jax arrays one leaf at a time, dropping each numpy array as soon as it is copied."""
+    import jax.numpy as jnp
+
+    out = {"layers": {}}
+    for key in ("embed", "final_norm"):
+        out[key] = jnp.asarray(params.pop(key))
+    layers = params.pop("layers")
+    for key in list(layers):
+        out["layers"][key] = jnp.asarray(layers.pop(key))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face safetensors
+
+
+def _hf_name_map(cfg: GemmaConfig) -> dict:
+    """HF tensor name -> (our layer key or top-level key, layer index or None, HF shape). The one name map."""
+    D, F, N, K, H = cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_layer = {
+        "self_attn.q_proj.weight": ("q", (N * H, D)),
+        "self_attn.k_proj.weight": ("k", (K * H, D)),
+        "self_attn.v_proj.weight": ("v", (K * H, D)),
+        "self_attn.o_proj.weight": ("o", (D, N * H)),
+        "mlp.gate_proj.weight": ("gate", (F, D)),
+        "mlp.up_proj.weight": ("up", (F, D)),
+        "mlp.down_proj.weight": ("down", (D, F)),
+        "input_layernorm.weight": ("attn_norm", (D,)),
+    }
+    if cfg.use_post_norms:
+        per_layer.update({
+            "post_attention_layernorm.weight": ("post_attn_norm", (D,)),
+            "pre_feedforward_layernorm.weight": ("ffw_norm", (D,)),
+            "post_feedforward_layernorm.weight": ("post_ffw_norm", (D,)),
+        })
+    else:
+        per_layer["post_attention_layernorm.weight"] = ("ffw_norm", (D,))
+    out = {"model.embed_tokens.weight": ("embed", None, (cfg.vocab_size, D)),
+           "model.norm.weight": ("final_norm", None, (D,))}
+    for i in range(cfg.num_layers):
+        for suffix, (ours, shape) in per_layer.items():
+            out[f"model.layers.{i}.{suffix}"] = (ours, i, shape)
+    return out
+
+
+def _hf_to_ours(w, our_shape):
+    """HF [out, in] linear -> ours [in, ...out] (or [...in, out] for o); 1-D norms pass through."""
+    return w if w.ndim == 1 else w.T.reshape(our_shape)
+
+
+def _ours_to_hf(x, hf_shape):
+    return x if len(hf_shape) == 1 else x.reshape(hf_shape[1], hf_shape[0]).T
+
+
+def _read_st_header(file: str) -> dict:
+    """The tensor entries of a safetensors header, checked against the file size, so a truncated or corrupt file
+    fails with the name of the first tensor that does not fit rather than a bare parser error."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{file}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise ValueError(f"{file}: corrupt or truncated header (header length {n} > {size - 8} bytes left)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: corrupt header, not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: corrupt header, expected a JSON object")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    for name, info in header.items():
+        try:
+            shape, (start, end) = tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            dtype = info["dtype"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"tensor {name!r} in {file}: corrupt header entry {info!r}") from None
+        if end > data_bytes:
+            raise ValueError(f"tensor {name!r} in {file}: data ends at byte {end} but the file holds only "
+                             f"{data_bytes} data bytes (truncated file?)")
+        if dtype in _ST_TO_NP and end - start != math.prod(shape) * _ST_TO_NP[dtype].itemsize:
+            raise ValueError(f"tensor {name!r} in {file}: {end - start} data bytes for shape {shape} {dtype}")
+    return header
+
+
+def _hf_tensor_files(path: str) -> dict:
+    """tensor name -> (file, header entry), from model.safetensors or the shards of model.safetensors.index.json."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: expected JSON with a 'weight_map' ({e!r})") from None
+    else:
+        single = os.path.join(path, "model.safetensors")
+        if not os.path.exists(single):
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        weight_map = {name: "model.safetensors" for name in _read_st_header(single)}
+    headers, out = {}, {}
+    for name, shard in weight_map.items():
+        file = os.path.join(path, shard)
+        if file not in headers:
+            if not os.path.exists(file):
+                raise ValueError(f"tensor {name!r}: its shard {file} (from {index}) does not exist")
+            headers[file] = _read_st_header(file)
+        if name not in headers[file]:
+            raise ValueError(f"tensor {name!r}: the index maps it to {file}, which does not contain it")
+        out[name] = (file, headers[file][name])
+    return out
+
+
+def load_hf(path, dtype=None) -> tuple[GemmaConfig, dict]:
+    """(cfg, params) from a Hugging Face Gemma / Gemma 2 safetensors folder, cast to `dtype` (default: the
+    config's dtype). Peak memory: the model in `dtype` plus one tensor."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Hugging Face checkpoint folder not found: {path}")
+    cfg = config_from_hf(path, param_dtype=_dtype_name(dtype))
+    files = _hf_tensor_files(path)
+    expected = _hf_name_map(cfg)
+    unknown = sorted(n for n in files if n not in expected and n != "lm_head.weight")
+    if unknown:
+        raise ValueError(f"{path}: unknown tensor(s) {unknown[:5]} in {sorted({files[n][0] for n in unknown})}; "
+                         f"not part of a {'Gemma 2' if cfg.use_post_norms else 'Gemma'} model per config.json")
+    missing = [n for n in expected if n not in files]
+    if missing:
+        looked = sorted({f for f, _ in files.values()})
+        raise ValueError(f"{path}: missing tensor(s) {missing[:5]} (looked in {looked})")
+    for name, (file, info) in files.items():
+        if info["dtype"] not in _ST_TO_NP:
+            raise ValueError(f"tensor {name!r} in {file}: dtype {info['dtype']} not supported (F32, BF16 or F16)")
+        want = expected[name][2] if name in expected else expected["model.embed_tokens.weight"][2]
+        if tuple(info["shape"]) != want:
+            raise ValueError(f"tensor {name!r} in {file}: shape {tuple(info['shape'])}, expected {want} "
+                             f"for the config.json in {path}")
+
+    params = _empty_params(cfg)
+    by_file = {}
+    for name, (file, _) in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="numpy") as f:
+                for name in names:
+                    if name == "lm_head.weight":
+                        continue  # checked below, once the embedding is in
+                    ours, i, _ = expected[name]
+                    target = params["layers"][ours] if i is not None else params[ours]
+                    if i is None:
+                        target[...] = f.get_tensor(name)
+                    else:
+                        target[i] = _hf_to_ours(f.get_tensor(name), target.shape[1:])
+        except Exception as e:  # safetensors raises its own SafetensorError on bad files
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(f"{file}: cannot read safetensors data ({e})") from None
+    if "lm_head.weight" in files:
+        file = files["lm_head.weight"][0]
+        with safe_open(file, framework="numpy") as f:
+            if not np.array_equal(f.get_tensor("lm_head.weight").astype(params["embed"].dtype), params["embed"]):
+                raise ValueError(f"tensor 'lm_head.weight' in {file}: differs from model.embed_tokens.weight; "
+                                 "Gemma ties the output projection to the embedding")
+    return cfg, _to_jax(params)
+
+
+def _write_safetensors(file: str, entries: list) -> None:
+    """Stream (name, shape, numpy dtype, make_array) entries into one safetensors file, one tensor in memory at a
+    time. The header carries format "pt", which transformers requires."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype, _ in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _NP_TO_ST[dtype.name], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the safetensors writer does
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape, dtype, make in entries:
+            arr = np.ascontiguousarray(make(), dtype=dtype)
+            assert arr.shape == tuple(shape), (name, arr.shape, shape)
+            f.write(arr.tobytes())
+
+
+def save_hf(path, cfg: GemmaConfig, params: dict) -> None:
+    """Write `model.safetensors` + `config.json` that transformers' AutoModelForCausalLM loads as the same model.
+    Tensors keep the params' dtype (bf16 params are saved as BF16)."""
+    path = os.fspath(path)
+    dtype = _dtype_name(params["embed"].dtype)
+    np_dtype = _ST_TO_NP[_NP_TO_ST[dtype]]
+    specs = param_specs(cfg)
+    for key, spec in [("embed", specs["embed"]), ("final_norm", specs["final_norm"])] + [
+            (f"layers/{k}", s) for k, s in specs["layers"].items()]:
+        arr = params[key] if "/" not in key else params["layers"].get(key[7:])
+        if arr is None or tuple(arr.shape) != spec.shape:
+            raise ValueError(f"param {key!r}: shape {None if arr is None else tuple(arr.shape)}, expected {spec.shape}")
+    entries = []
+    for name, (ours, i, hf_shape) in _hf_name_map(cfg).items():
+        src = params[ours] if i is None else params["layers"][ours]
+        make = (lambda src=src: np.asarray(src)) if i is None else (
+            lambda src=src, i=i, s=hf_shape: _ours_to_hf(np.asarray(src[i]), s))
+        entries.append((name, hf_shape, np_dtype, make))
+    os.makedirs(path, exist_ok=True)
+    _write_safetensors(os.path.join(path, "model.safetensors"), entries)
+    hf_cfg = config_to_hf(dataclasses.replace(cfg, param_dtype=dtype))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kaggle Flax / orbax
+
+
+def _orbax_leaves(path: str) -> dict:
+    """'transformer/layer_0/attn/q_einsum/w' -> (key path tuple in the stored tree, shape, dtype name)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(path)
+    except Exception as e:  # orbax raises assorted errors on a folder it cannot read
+        raise ValueError(f"{path}: cannot read orbax checkpoint metadata ({e})") from None
+    meta = getattr(meta, "item_metadata", meta)
+    meta = getattr(meta, "tree", meta)
+    out = {}
+    for keys, m in jax.tree_util.tree_flatten_with_path(meta)[0]:
+        key_path = tuple(k.key for k in keys)
+        out["/".join(key_path)] = (key_path, tuple(m.shape), np.dtype(m.dtype).name)
+    return out
+
+
+def _infer_kaggle_config(leaves: dict, path: str) -> GemmaConfig:
+    """Config from tensor shapes (see the module docstring for the defaults a checkpoint cannot tell)."""
+    def shape(name):
+        if name not in leaves:
+            raise ValueError(f"{path}: missing tensor {name!r}")
+        return leaves[name][1]
+
+    layer_ids = sorted({int(m.group(1)) for n in leaves if (m := re.match(r"transformer/layer_(\d+)/", n))})
+    if not layer_ids or layer_ids != list(range(len(layer_ids))):
+        raise ValueError(f"{path}: expected transformer/layer_0 .. layer_{{L-1}}, found layers {layer_ids[:10]}")
+    V, D = shape("transformer/embedder/input_embedding")
+    attn = "transformer/layer_0/attn/"
+    if attn + "qkv_einsum/w" in leaves:
+        _, N, _, H = shape(attn + "qkv_einsum/w")
+        K = N
+    else:
+        N, _, H = shape(attn + "q_einsum/w")
+        K = shape(attn + "kv_einsum/w")[1]
+    F = shape("transformer/layer_0/mlp/linear/w")[0]
+    kw = dict(num_layers=len(layer_ids), embed_dim=D, hidden_dim=F, num_heads=N, num_kv_heads=K, head_dim=H,
+              vocab_size=GEMMA_VOCAB if V == TUNIX_PADDED_VOCAB else V, query_pre_attn_scalar=H,
+              param_dtype=leaves["transformer/embedder/input_embedding"][2])
+    if "transformer/layer_0/post_ffw_norm/scale" in leaves:
+        return GemmaConfig(attn_logit_softcap=GEMMA2_2B.attn_logit_softcap,
+                           final_logit_softcap=GEMMA2_2B.final_logit_softcap,
+                           sliding_window=GEMMA2_2B.sliding_window, local_layer_period=2, use_post_norms=True, **kw)
+    return GemmaConfig(**kw)
+
+
+def _kaggle_layer_names(cfg: GemmaConfig, fused_qkv: bool) -> dict:
+    """Kaggle leaf name (under transformer/layer_{i}/) -> expected shape."""
+    D, F, N, K, H = cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    names = {"attn/attn_vec_einsum/w": (N, H, D), "mlp/gating_einsum/w": (2, D, F), "mlp/linear/w": (F, D),
+             "pre_attention_norm/scale": (D,), "pre_ffw_norm/scale": (D,)}
+    if fused_qkv:
+        names["attn/qkv_einsum/w"] = (3, N, D, H)
+    else:
+        names.update({"attn/q_einsum/w": (N, D, H), "attn/kv_einsum/w": (2, K, D, H)})
+    if cfg.use_post_norms:
+        names.update({"post_attention_norm/scale": (D,), "post_ffw_norm/scale": (D,)})
+    return names
+
+
+def _check_kaggle_leaves(leaves: dict, cfg: GemmaConfig, path: str) -> dict:
+    """All expected Kaggle names with checked shapes and dtypes; returns name -> expected shape."""
+    fused = "transformer/layer_0/attn/qkv_einsum/w" in leaves
+    expected = {"transformer/embedder/input_embedding": None, "transformer/final_norm/scale": (cfg.embed_dim,)}
+    for i in range(cfg.num_layers):
+        for name, shape in _kaggle_layer_names(cfg, fused).items():
+            expected[f"transformer/layer_{i}/{name}"] = shape
+    unknown = sorted(n for n in leaves if n not in expected)
+    if unknown:
+        raise ValueError(f"{path}: unknown tensor(s) {unknown[:5]} for this Gemma config")
+    missing = [n for n in expected if n not in leaves]
+    if missing:
+        raise ValueError(f"{path}: missing tensor(s) {missing[:5]}")
+    for name, (_, shape, dtype) in leaves.items():
+        if dtype not in _FLOAT_NAMES:
+            raise ValueError(f"tensor {name!r} in {path}: dtype {dtype} not supported (float32, bfloat16, float16)")
+        want = expected[name]
+        if name.endswith("gating_einsum/w") and shape == (2, cfg.hidden_dim, cfg.embed_dim):
+            continue  # the transposed [2,F,D] layout of Gemma 2 releases
+        if want is None:  # embedding: may carry Tunix's padding rows beyond the vocabulary
+            want = (max(shape[0], cfg.vocab_size), cfg.embed_dim)
+        if shape != want:
+            raise ValueError(f"tensor {name!r} in {path}: shape {shape}, expected {want}")
+    return expected
+
+
+def _restore(path: str, leaves: dict, names: list) -> dict:
+    """Partial orbax restore of `names` as numpy arrays: name -> array."""
+    import orbax.checkpoint as ocp
+
+    item, restore_args = {}, {}
+    for name in names:
+        *outer, leaf = leaves[name][0]
+        node, args = item, restore_args
+        for k in outer:
+            node, args = node.setdefault(k, {}), args.setdefault(k, {})
+        node[leaf], args[leaf] = 0, ocp.RestoreArgs(restore_type=np.ndarray)
+    out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    result = {}
+    for name in names:
+        node = out
+        for k in leaves[name][0]:
+            node = node[k]
+        result[name] = np.asarray(node)
+    return result
+
+
+def _fill_kaggle_layer(params: dict, i: int, t: dict, cfg: GemmaConfig) -> None:
+    """Write layer i's Kaggle tensors `t` (short names) into the stacked params, converting layouts."""
+    lay = params["layers"]
+    if "attn/qkv_einsum/w" in t:
+        q_NDH, k_NDH, v_NDH = t["attn/qkv_einsum/w"]
+        lay["k"][i], lay["v"][i] = k_NDH.transpose(1, 0, 2), v_NDH.transpose(1, 0, 2)
+    else:
+        q_NDH, (k_KDH, v_KDH) = t["attn/q_einsum/w"], t["attn/kv_einsum/w"]
+        lay["k"][i], lay["v"][i] = k_KDH.transpose(1, 0, 2), v_KDH.transpose(1, 0, 2)
+    lay["q"][i] = q_NDH.transpose(1, 0, 2)
+    lay["o"][i] = t["attn/attn_vec_einsum/w"]
+    gating = t["mlp/gating_einsum/w"]
+    if gating.shape != (2, cfg.embed_dim, cfg.hidden_dim):  # [2,F,D]: checked in _check_kaggle_leaves
+        gating = gating.transpose(0, 2, 1)
+    lay["gate"][i], lay["up"][i] = gating[0], gating[1]
+    lay["down"][i] = t["mlp/linear/w"]
+    lay["attn_norm"][i], lay["ffw_norm"][i] = t["pre_attention_norm/scale"], t["pre_ffw_norm/scale"]
+    if cfg.use_post_norms:
+        lay["post_attn_norm"][i], lay["post_ffw_norm"][i] = t["post_attention_norm/scale"], t["post_ffw_norm/scale"]
+
+
+def load_kaggle(path, cfg: GemmaConfig | None = None, dtype=None) -> tuple[GemmaConfig, dict]:
+    """(cfg, params) from a Kaggle Flax/orbax Gemma checkpoint (the layout Tunix's load_and_format_params reads).
+
+    cfg None: inferred from tensor shapes (module docstring). dtype None: cfg.param_dtype if cfg is given, else the
+    stored dtype. The checkpoint is restored one layer at a time into preallocated stacked arrays.
+    """
+    path = os.path.abspath(os.fspath(path))  # orbax wants absolute paths
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Kaggle/orbax checkpoint folder not found: {path}")
+    leaves = _orbax_leaves(path)
+    if cfg is None:
+        cfg = _infer_kaggle_config(leaves, path)
+    cfg = dataclasses.replace(cfg, param_dtype=_dtype_name(dtype) or cfg.param_dtype)
+    _check_kaggle_leaves(leaves, cfg, path)
+    params = _empty_params(cfg)
+    top = _restore(path, leaves, ["transformer/embedder/input_embedding", "transformer/final_norm/scale"])
+    params["embed"][...] = top.pop("transformer/embedder/input_embedding")[: cfg.vocab_size]
+    params["final_norm"][...] = top.pop("transformer/final_norm/scale")
+    for i in range(cfg.num_layers):
+        prefix = f"transformer/layer_{i}/"
+        tensors = _restore(path, leaves, [n for n in leaves if n.startswith(prefix)])
+        _fill_kaggle_layer(params, i, {n[len(prefix):]: v for n, v in tensors.items()}, cfg)
+    return cfg, _to_jax(params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
+
+
+def load_checkpoint(path, dtype=None) -> tuple[GemmaConfig, dict]:
+    """(cfg, params) from a Hugging Face folder (config.json + safetensors) or a Kaggle orbax checkpoint folder."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: expected a checkpoint folder, got a file")
+    names = set(os.listdir(path))
+    if "config.json" in names:
+        if not names & {"model.safetensors", "model.safetensors.index.json"}:
+            raise ValueError(f"{path}: has config.json but no model.safetensors or model.safetensors.index.json "
+                             f"(only safetensors weights are supported); found {sorted(names)[:20]}")
+        return load_hf(path, dtype)
+    if names & set(_ORBAX_MARKERS):
+        return load_kaggle(path, dtype=dtype)
+    raise ValueError(f"{path}: not a checkpoint: expected config.json + model.safetensors (Hugging Face) or an orbax "
+                     f"checkpoint ({', '.join(_ORBAX_MARKERS)}); found {sorted(names)[:20]}")

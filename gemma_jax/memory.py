@@ -1,0 +1,171 @@
+"""Per-device memory estimate of LoRA training and sampling, and a table to print it.
+
+`estimate_bytes` counts, for one device of a ("data", "fsdp", "tp") mesh laid out by gemma_jax/sharding.py's
+rules (with its divisibility fallback, so the sharded sizes are exact):
+    base_params   every weight of gemma_jax.model.param_specs in `param_dtype` (frozen: no grads, no moments)
+    lora_params   A and B of each adapter (shapes from gemma_jax.model.LORA_EINSUMS) in `lora_dtype`
+    grads         one gradient per LoRA parameter, same dtype
+    optimizer     AdamW: float32 first and second moments per LoRA parameter + an int32 step count; SGD: 0
+    activations   what the backward pass of a LoRA step keeps alive at its peak (below)
+    kv_cache      gemma_jax.model.init_cache(cfg, cache_batch, cache_len): k and v [L,B,S,K,H] + pos, valid, index
+All but the activations are exact sums of array sizes; activations are a model of what XLA keeps, checked
+against `compiled.memory_analysis().temp_size_in_bytes` in tests/test_memory.py (within the factor stated there).
+
+Activations, with b = batch / (data * fsdp) rows per device and heads, kv heads, mlp and vocab split by tp.
+Per layer, the tensors the backward pass of a LoRA step reads (the base weights are frozen, so the input of a
+plain matmul is not needed, only the inputs of LoRA's A, of the nonlinearities and of the attention products):
+    [b,T,D]   x 4 or 6 in float32: the block input, the input of each RMSNorm (2 or 4), the attention output
+    [b,T,D]   x 2 in the param dtype: the two normed inputs that feed the LoRA A matrices (q/kv, gate/up)
+    [b,T,F]   x 7: gate, up, gelu(gate), the product, gelu-tanh's intermediates; + 1 with a "down" adapter
+    [b,T,N+2K,H]: q and k after RoPE and v (the score and value products)
+    [b,N,T,T] x 4 in float32 + a bool mask: raw scores, tanh (softcap), masked scores, softmax
+    [b,T,R]   per adapter: x A (for B's gradient)
+Without remat all L layers keep theirs; with per-layer remat only each layer's input [b,T,D] is kept and one
+layer's set is rebuilt (plus as much again in gradient temporaries) during its backward. The head adds the
+logits: [b,T,V] float32 x 4 (logits, softcapped logits, log-softmax and the gradient); at V = 256k that is the
+biggest single term (2 x 2048 tokens on one device: 16.8 GB). The head's buffers are dead before the layers'
+backward starts, so the peak is   saved layers + max(logits, layer working set).
+The counts below were read off XLA's buffer assignment for a float32 step on a CPU; XLA's CPU backend computes
+bf16 elementwise ops in float32, so a bf16 step on a CPU holds more than on a TPU or GPU.
+"""
+
+import math
+import types
+
+import numpy as np
+
+from gemma_jax.config import GemmaConfig
+from gemma_jax.model import LORA_EINSUMS, param_specs
+from gemma_jax.sharding import CACHE_AXES, LORA_AXES, MESH_AXES, logical_to_spec
+
+# How many tensors of each kind the backward pass keeps, read off XLA's buffer assignment of a float32 LoRA step
+# on one CPU device (tests/test_memory.py checks the total against memory_analysis()).
+LOGIT_COPIES = 4  # [b,T,V] f32: logits, softcapped logits, log-softmax, and the gradient flowing back
+MLP_COPIES = 7  # [b,T,F]: gate, up, gelu(gate), their product, and gelu-tanh's intermediates (x^3, tanh, 1 - tanh^2)
+SCORE_COPIES = 4  # [b,N,T,T] f32: raw scores, tanh (softcap), masked scores, softmax; + a bool mask
+
+
+def _mesh(mesh_shape: dict):
+    """The stand-in for a jax Mesh that sharding.logical_to_spec needs: only its axis sizes."""
+    unknown = sorted(set(mesh_shape) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh_shape has unknown axes {unknown}; expected a subset of {MESH_AXES}")
+    return types.SimpleNamespace(shape={a: int(mesh_shape.get(a, 1)) for a in MESH_AXES})
+
+
+def shard_bytes(shape, axes, dtype, mesh_shape: dict) -> int:
+    """Bytes of one device's shard of an array with these logical axes (sharding.py's rules and fallback)."""
+    mesh = _mesh(mesh_shape)
+    spec = logical_to_spec(tuple(axes), tuple(shape), mesh)
+    local = 1
+    for size, names in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if names is None else (names if isinstance(names, tuple) else (names,))
+        local *= size // math.prod(mesh.shape[n] for n in names)
+    return local * np.dtype(dtype).itemsize
+
+
+def lora_param_shapes(cfg: GemmaConfig, rank: int, targets) -> dict:
+    """name -> (A shape, B shape) with the leading L axis, read off the einsums in gemma_jax.model."""
+    sizes = {"D": cfg.embed_dim, "F": cfg.hidden_dim, "N": cfg.num_heads, "K": cfg.num_kv_heads,
+             "H": cfg.head_dim, "R": rank, "C": 2}
+    out = {}
+    for name in targets:
+        if name not in LORA_EINSUMS:
+            raise ValueError(f"unknown LoRA target {name!r}; choose from {sorted(LORA_EINSUMS)}")
+        to_rank, from_rank = LORA_EINSUMS[name]
+        a_letters = to_rank.split(",")[1].split("->")[0]
+        b_letters = from_rank.split(",")[1].split("->")[0]
+        out[name] = ((cfg.num_layers, *(sizes[c] for c in a_letters)),
+                     (cfg.num_layers, *(sizes[c] for c in b_letters)))
+    return out
+
+
+def _split(n: int, parts: int) -> int:
+    """Size of one device's piece when sharding propagates a split of n over `parts` (replicated if indivisible)."""
+    return n // parts if parts > 1 and n % parts == 0 else n
+
+
+def activation_bytes(cfg: GemmaConfig, *, dtype, batch: int, seq_len: int, mesh_shape: dict, remat: bool,
+                     lora_rank: int, lora_targets) -> dict:
+    """The activation terms of `estimate_bytes` (see the module docstring for what is counted)."""
+    m = _mesh(mesh_shape).shape
+    b, T = _split(batch, m["data"] * m["fsdp"]), seq_len
+    tp = m["tp"]
+    D, F, H, L = cfg.embed_dim, _split(cfg.hidden_dim, tp), cfg.head_dim, cfg.num_layers
+    N, K, V = _split(cfg.num_heads, tp), _split(cfg.num_kv_heads, tp), _split(cfg.vocab_size, tp)
+    it, f32 = np.dtype(dtype).itemsize, 4
+    norms = 4 if cfg.use_post_norms else 2
+    per_layer = {
+        "residual stream [b,T,D] f32": (norms + 2) * b * T * D * f32,
+        "LoRA inputs [b,T,D]": 2 * b * T * D * it,
+        "mlp [b,T,F]": (MLP_COPIES + ("down" in lora_targets)) * b * T * F * it,
+        "q,k,v [b,T,N+2K,H]": b * T * (N + 2 * K) * H * it,
+        "scores [b,N,T,T]": b * N * T * T * (SCORE_COPIES * f32 + 1),
+        "lora x@A [b,T,R]": len(lora_targets) * b * T * lora_rank * it,
+    }
+    one_layer = sum(per_layer.values())
+    logits = LOGIT_COPIES * b * T * V * f32
+    # The head's buffers die before the layers' backward starts, so the peak holds the larger of the two phases.
+    if remat:
+        saved, working = L * b * T * D * it, max(logits, 2 * one_layer)  # one layer rebuilt + its grad temps
+    else:
+        saved, working = L * one_layer, max(logits, one_layer)
+    out = {"layer_each": one_layer, "layers_saved": saved, "logits": logits, "total": saved + working}
+    return out
+
+
+def estimate_bytes(cfg: GemmaConfig, *, param_dtype="bfloat16", lora_rank: int, lora_targets=("q", "kv", "gate",
+                   "up", "down"), lora_dtype="float32", optimizer: str = "adamw", batch: int, seq_len: int,
+                   mesh_shape: dict | None = None, remat: bool = True, cache_batch: int | None = None,
+                   cache_len: int | None = None) -> dict:
+    """Bytes per device of each part of a LoRA train step and of a sampling KV cache (see the module docstring).
+
+    Returns {"base_params", "lora_params", "grads", "optimizer", "activations", "activations_no_remat",
+    "activations_remat", "train_total", "kv_cache", "sample_total"}: train_total = params + LoRA + grads +
+    optimizer + activations (with `remat` as given); sample_total = base + LoRA + KV cache for `cache_batch`
+    rows of `cache_len` tokens (default: batch and seq_len)."""
+    mesh_shape = dict(mesh_shape or {})
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    specs = param_specs(cfg)
+    flat = {**{k: v for k, v in specs.items() if k != "layers"}, **specs["layers"]}
+    base = sum(shard_bytes(s.shape, s.axes, param_dtype, mesh_shape) for s in flat.values())
+    lora = 0
+    for name, (a_shape, b_shape) in lora_param_shapes(cfg, lora_rank, lora_targets).items():
+        a_axes, b_axes = LORA_AXES[name]
+        lora += shard_bytes(a_shape, a_axes, lora_dtype, mesh_shape) + shard_bytes(b_shape, b_axes, lora_dtype,
+                                                                                      mesh_shape)
+    lora_f32 = lora * 4 // np.dtype(lora_dtype).itemsize
+    opt = 2 * lora_f32 + 4 if optimizer == "adamw" else 0
+    act = {r: activation_bytes(cfg, dtype=param_dtype, batch=batch, seq_len=seq_len, mesh_shape=mesh_shape,
+                               remat=r, lora_rank=lora_rank, lora_targets=lora_targets)["total"]
+           for r in (False, True)}
+    cb, cl = cache_batch or batch, cache_len or seq_len
+    L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    cache = (2 * shard_bytes((L, cb, cl, K, H), CACHE_AXES["k"], param_dtype, mesh_shape)
+             + shard_bytes((cb, cl), CACHE_AXES["pos"], np.int32, mesh_shape)
+             + shard_bytes((cb, cl), CACHE_AXES["valid"], np.bool_, mesh_shape) + 4)
+    out = {"base_params": base, "lora_params": lora, "grads": lora, "optimizer": opt,
+           "activations": act[remat], "activations_no_remat": act[False], "activations_remat": act[True],
+           "kv_cache": cache}
+    out["train_total"] = base + 2 * lora + opt + act[remat]
+    out["sample_total"] = base + lora + cache
+    return out
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_table(rows: dict, columns=None) -> str:
+    """A text table: one row per estimate part, one column per named estimate ({column: estimate_bytes(...)})."""
+    columns = list(columns or rows)
+    keys = list(next(iter(rows.values())))
+    width = max(12, *(len(c) for c in columns))
+    lines = ["part".ljust(22) + "".join(c.rjust(width + 2) for c in columns)]
+    for k in keys:
+        lines.append(k.ljust(22) + "".join(format_bytes(rows[c][k]).rjust(width + 2) for c in columns))
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""gemma_jax/memory.py: the estimate equals the bytes of arrays actually created (params, LoRA, AdamW state,
+KV cache; on one device and per device on a fake 8-device mesh), and the activation model is within a stated
+factor of XLA's own temp-buffer size for a compiled LoRA train step."""
+
+import dataclasses
+
+import jax
+import pytest
+
+from bench.memory_report import compile_step
+from gemma_jax import memory
+from gemma_jax.config import TINY, TINY_GEMMA1
+from gemma_jax.model import init_cache, init_params
+from gemma_jax.sharding import cache_shardings, lora_shardings, make_mesh, param_shardings
+from lora import init_lora
+from sft.optim import adamw_init
+
+
+def total_nbytes(tree):
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def device0_nbytes(tree):
+    """Bytes that device 0 holds of every (possibly sharded) array in the tree."""
+    dev = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
+
+
+@pytest.mark.parametrize("cfg,dtype,targets", [
+    (TINY, "float32", ("q", "kv", "gate", "up", "down")),
+    (TINY_GEMMA1, "bfloat16", ("q", "k", "v", "o", "gate", "up", "down")),
+])
+def test_exact_bytes_one_device(cfg, dtype, targets):
+    cfg = dataclasses.replace(cfg, param_dtype=dtype)
+    est = memory.estimate_bytes(cfg, param_dtype=dtype, lora_rank=4, lora_targets=targets, batch=3, seq_len=16,
+                                cache_batch=3, cache_len=40)
+    params = init_params(cfg, 0)
+    lora = init_lora(cfg, 4, 8.0, targets=targets)
+    assert est["base_params"] == total_nbytes(params)
+    assert est["lora_params"] == total_nbytes(lora) == est["grads"]
+    assert est["optimizer"] == total_nbytes(adamw_init(lora))
+    assert est["kv_cache"] == total_nbytes(init_cache(cfg, 3, 40))
+    assert est["sample_total"] == est["base_params"] + est["lora_params"] + est["kv_cache"]
+
+
+def test_exact_bytes_per_device_on_mesh():
+    mesh = make_mesh("fsdp=4,tp=2")
+    est = memory.estimate_bytes(TINY, param_dtype="float32", lora_rank=4, batch=4, seq_len=16,
+                                mesh_shape={"fsdp": 4, "tp": 2}, cache_batch=4, cache_len=24)
+    p_sh = param_shardings(TINY, mesh)
+    params = jax.device_put(init_params(TINY, 0), p_sh)
+    lora = init_lora(TINY, 4, 8.0)
+    l_sh = lora_shardings(lora, mesh)
+    lora = jax.device_put(lora, l_sh)
+    opt = jax.device_put(adamw_init(lora), {"count": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                                            "mu": l_sh, "nu": l_sh})
+    cache = init_cache(TINY, 4, 24)
+    cache = jax.device_put(cache, cache_shardings(cache, mesh))
+    assert est["base_params"] == device0_nbytes(params) < total_nbytes(params) // 4
+    assert est["lora_params"] == device0_nbytes(lora)
+    assert est["optimizer"] == device0_nbytes(opt)
+    assert est["kv_cache"] == device0_nbytes(cache) < total_nbytes(cache) // 2
+
+
+# A config where layers and the vocabulary head both matter, small enough to compile in seconds.
+SMALL = dataclasses.replace(TINY, num_layers=2, embed_dim=128, hidden_dim=512, num_heads=4, num_kv_heads=2,
+                            head_dim=32, vocab_size=4096, query_pre_attn_scalar=32, sliding_window=64)
+ACT_FACTOR = 1.5  # XLA's temp bytes / (estimated activations + grads) must lie in [1 / 1.5, 1.5]
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_activations_within_factor_of_xla(remat):
+    cfg = dataclasses.replace(SMALL, remat=remat)
+    compiled, _ = compile_step(cfg, 8, 2, 128, make_mesh("tp=1", jax.devices()[:1]))
+    ma = compiled.memory_analysis()
+    est = memory.estimate_bytes(cfg, param_dtype="float32", lora_rank=8, batch=2, seq_len=128, remat=remat)
+    assert ma.argument_size_in_bytes == est["base_params"] + est["lora_params"] + est["optimizer"] + 2 * 128 * 5
+    ratio = ma.temp_size_in_bytes / (est["activations"] + est["grads"])
+    print(f"remat={remat}: XLA temp {ma.temp_size_in_bytes} B, estimate {est['activations'] + est['grads']} B, "
+          f"ratio {ratio:.2f}")
+    assert 1 / ACT_FACTOR <= ratio <= ACT_FACTOR, ratio
+
+
+def test_remat_and_sharding_shrink_the_estimate():
+    from gemma_jax.config import GEMMA2_2B
+
+    kw = dict(param_dtype="bfloat16", lora_rank=32, batch=2, seq_len=2048)
+    one = memory.estimate_bytes(GEMMA2_2B, **kw, remat=True)
+    # The bf16 2B base is 2 bytes x 2,614,341,888 parameters (REFERENCE.md §1, tied embedding).
+    assert one["base_params"] == 2 * 2_614_341_888
+    assert one["activations_remat"] < one["activations_no_remat"] / 3
+    tp8 = memory.estimate_bytes(GEMMA2_2B, **kw, remat=True, mesh_shape={"tp": 8})
+    assert tp8["base_params"] < one["base_params"] / 6 and tp8["activations"] < one["activations"] / 4
+    table = memory.format_table({"one": one, "tp8": tp8})
+    assert "base_params" in table and "5.23 GB" in table
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"unknown axes \['model'\]"):
+        memory.estimate_bytes(TINY, lora_rank=4, batch=1, seq_len=8, mesh_shape={"model": 2})
+    with pytest.raises(ValueError, match="unknown LoRA target 'qkv'"):
+        memory.estimate_bytes(TINY, lora_rank=4, lora_targets=("qkv",), batch=1, seq_len=8)
+    with pytest.raises(ValueError, match="optimizer must be"):
+        memory.estimate_bytes(TINY, lora_rank=4, batch=1, seq_len=8, optimizer="lion")
