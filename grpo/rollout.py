@@ -1,0 +1,182 @@
+"""One GRPO rollout: RL records -> chat prompts -> G samples per prompt -> rewards -> group advantages, plus the
+reference (and old-policy) per-token log-probs the loss needs.
+
+    records --chat template + domain system prompt, cut to the prompt budget--> prompt ids
+            --gemma_jax.sampler.generate(num_samples=G)--> completions (rows i*G .. i*G+G-1 for prompt i)
+            --rewards.router.compute_rewards (probability reward scored by the current policy)--> rewards
+            --grpo.advantages.compute_advantages--> advantages
+    ref log-probs: the same base params with lora=None (no copy of the weights); old log-probs (the policy before
+    this step's updates) only when num_iterations > 1, else the loss uses stop_gradient(logp).
+A rollout is a dict of NumPy arrays (B = prompts x G rows, P prompt bucket, C = max_new_tokens):
+    prompt [B,P] (left-padded), prompt_mask [B,P], completion [B,C] (right-padded), completion_mask [B,C],
+    advantages [B], rewards [B], and optionally ref_logp [B,C], old_logp [B,C].
+"""
+
+import functools
+import time
+
+import jax
+import numpy as np
+
+from gemma_jax.model import token_logprobs
+from gemma_jax.sampler import bucket_length, generate
+from grpo.advantages import compute_advantages, zero_std_fraction
+from grpo.loss import policy_logprobs
+
+
+def record_system(record: dict) -> str:
+    """The record's system prompt, else the one of its domain (data/rl.py)."""
+    if record.get("system"):
+        return str(record["system"])
+    from data.rl import system_prompt_for
+
+    return system_prompt_for(str(record.get("domain") or "general"))
+
+
+def prompt_ids(record: dict, tokenizer, budget: int) -> list[int]:
+    """<bos> + Gemma chat template (system text prepended to the question) as ids, at most `budget` tokens.
+
+    A prompt over the budget keeps the template's head and tail and the LAST question tokens that fit (the
+    question usually ends with what is asked; Tunix likewise keeps a prompt's last tokens)."""
+    if "question" not in record:
+        raise ValueError(f"RL record has no 'question' (keys: {sorted(record)})")
+    system, question = record_system(record), str(record["question"])
+    ids = tokenizer.encode_chat(question, system)
+    if len(ids) <= budget:
+        return ids
+    head_text, tail_text = tokenizer.chat_prompt("\x00", system).split("\x00")
+    head, tail = tokenizer.encode(head_text, add_bos=True), tokenizer.encode(tail_text)
+    room = budget - len(head) - len(tail)
+    if room < 1:
+        raise ValueError(f"prompt budget {budget} leaves no room for the question after the chat template and "
+                         f"system prompt ({len(head) + len(tail)} tokens)")
+    return head + tokenizer.encode(question)[-room:] + tail
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "temperature"))
+def _logprobs_jit(params, lora, prompt, prompt_mask, completion, completion_mask, *, cfg, temperature):
+    return policy_logprobs(params, cfg, prompt, prompt_mask, completion, completion_mask, lora=lora,
+                           temperature=temperature)
+
+
+def rollout_logprobs(params, cfg, lora, rollout: dict, *, temperature: float, micro_batch: int) -> np.ndarray:
+    """Per-token completion log-probs [B,C] under (params, lora) at the sampling temperature, `micro_batch` rows
+    at a time. lora=None: the reference policy."""
+    B = rollout["prompt"].shape[0]
+    out = []
+    for s in range(0, B, micro_batch):
+        sl = slice(s, s + micro_batch)
+        out.append(np.asarray(_logprobs_jit(params, lora, rollout["prompt"][sl], rollout["prompt_mask"][sl],
+                                            rollout["completion"][sl], rollout["completion_mask"][sl], cfg=cfg,
+                                            temperature=float(temperature))))
+    return np.concatenate(out, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _score_jit(params, lora, tokens, mask, *, cfg):
+    return token_logprobs(params, tokens, cfg, pad_mask_BT=mask, lora=lora)
+
+
+def make_score_fn(params, cfg, lora, *, pad_id: int = 0, max_rows: int = 16):
+    """score_fn(prefixes, targets) -> [log p(target_t | prefix, target_<t)] for the probability reward, under the
+    current policy (temperature 1: the reward is the model's own probability of the reference answer).
+
+    Sequences are right-padded to a length bucket and batches to a power of two (<= max_rows), so a few shapes
+    are compiled once and reused across steps."""
+    def score_fn(prefixes, targets):
+        seqs = [list(p) + list(t) for p, t in zip(prefixes, targets)]
+        T = bucket_length(max(len(s) for s in seqs))
+        out = []
+        for s in range(0, len(seqs), max_rows):
+            chunk = seqs[s:s + max_rows]
+            rows = min(max_rows, 1 << (len(chunk) - 1).bit_length())
+            tokens = np.full((rows, T), pad_id, np.int32)
+            mask = np.zeros((rows, T), bool)
+            for i, seq in enumerate(chunk):
+                tokens[i, :len(seq)], mask[i, :len(seq)] = seq, True
+            lp = np.asarray(_score_jit(params, lora, tokens, mask, cfg=cfg))
+            for i, (p, t) in enumerate(zip(prefixes[s:s + max_rows], targets[s:s + max_rows])):
+                out.append(lp[i, len(p) - 1:len(p) - 1 + len(t)].astype(np.float64))
+        return out
+
+    return score_fn
+
+
+def text_metrics(texts, records) -> dict:
+    """Strict-format rate over all samples and math accuracy (extracted answer equivalent to the reference) over
+    the math-domain samples (NaN when there are none)."""
+    from rewards.format import is_strict
+    from rewards.math import extract_answer, is_equivalent
+    from rewards.router import reward_type
+
+    is_math = [reward_type(r, i) == "math" for i, r in enumerate(records)]
+    correct = [is_equivalent(extract_answer(t), str(r.get("answer", ""))) for t, r, m in zip(texts, records, is_math)
+               if m]
+    return {"strict_format_rate": float(np.mean([is_strict(t) for t in texts])) if texts else float("nan"),
+            "math_accuracy": float(np.mean(correct)) if correct else float("nan")}
+
+
+def _reward_metrics(rewards, components, records_rep, group_size) -> dict:
+    """Reward mean/std per component and per domain, and the fraction of zero-std groups."""
+    m = {"reward/std": float(np.std(rewards)), "zero_std_groups": zero_std_fraction(rewards, group_size)}
+    for name, values in components.items():
+        v = np.asarray(values, np.float64)
+        if v.dtype == bool or name.startswith("is_"):
+            continue
+        m[f"reward/{name}_std"] = float(np.std(v))
+    domains = np.array([str(r.get("domain") or "general") for r in records_rep])
+    for d in sorted(set(domains)):
+        m[f"reward/domain_{d}_mean"] = float(np.mean(rewards[domains == d]))
+    return m
+
+
+def rollout(params, cfg, lora, records, tokenizer, *, hp, reward_fn, reward_cfg=None, prob_state=None,
+            seed: int = 0, score_micro_batch: int = 16):
+    """Sample G completions for each record, score them and compute advantages.
+
+    hp: grpo.learner.GRPOHParams (group_size, temperature, top_k, top_p, max_prompt_tokens, max_new_tokens,
+    adv_scale, mask_truncated, beta, num_iterations, micro_batch). reward_fn has rewards.router.compute_rewards's
+    signature. Returns (rollout dict, texts, metrics, new prob state)."""
+    G = hp.group_size
+    prompts = [prompt_ids(r, tokenizer, hp.max_prompt_tokens) for r in records]
+    t0 = time.perf_counter()
+    out = generate(params, cfg, prompts, max_new_tokens=hp.max_new_tokens, temperature=hp.temperature,
+                   top_k=hp.top_k, top_p=hp.top_p, stop_ids=tokenizer.stop_ids, seed=seed, num_samples=G,
+                   lora=lora, pad_id=tokenizer.pad_id, prompt_bucket=bucket_length(hp.max_prompt_tokens))
+    sample_s = time.perf_counter() - t0
+    texts = [tokenizer.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
+    records_rep = [r for r in records for _ in range(G)]
+    prompts_rep = [p for p in prompts for _ in range(G)]
+
+    t1 = time.perf_counter()
+    score_fn = make_score_fn(params, cfg, lora, pad_id=tokenizer.pad_id, max_rows=score_micro_batch)
+    kw = {} if reward_cfg is None else {"cfg": reward_cfg}
+    rewards, components, reward_metrics, prob_state = reward_fn(
+        texts, records_rep, tokenizer=tokenizer, score_fn=score_fn, prompt_ids=prompts_rep, prob_state=prob_state,
+        **kw)
+    rewards = np.asarray(rewards, np.float64)
+    advantages = compute_advantages(rewards, G, scale=hp.adv_scale)
+    reward_s = time.perf_counter() - t1
+
+    C = out.tokens.shape[1]
+    mask = (np.arange(C)[None, :] < out.lengths[:, None]).astype(np.float32)
+    if hp.mask_truncated:  # DAPO's overlong filtering: a completion cut at max_new_tokens gets no loss
+        mask = mask * out.stopped[:, None]
+    ro = {"prompt": out.prompt_tokens, "prompt_mask": out.prompt_mask, "completion": out.tokens,
+          "completion_mask": mask, "advantages": advantages, "rewards": rewards.astype(np.float32)}
+    t2 = time.perf_counter()
+    if hp.beta:
+        ro["ref_logp"] = rollout_logprobs(params, cfg, None, ro, temperature=hp.temperature,
+                                          micro_batch=hp.micro_batch)
+    if hp.num_iterations > 1:
+        ro["old_logp"] = rollout_logprobs(params, cfg, lora, ro, temperature=hp.temperature,
+                                          micro_batch=hp.micro_batch)
+    logp_s = time.perf_counter() - t2
+
+    lengths = out.lengths.astype(np.float64)
+    metrics = {**{k: v for k, v in reward_metrics.items() if np.isscalar(v)},
+               **_reward_metrics(rewards, components, records_rep, G), **text_metrics(texts, records_rep),
+               "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
+               "truncated_frac": float(1.0 - out.stopped.mean()), "sample_s": sample_s, "reward_s": reward_s,
+               "ref_logp_s": logp_s, "sample_tokens_per_s": float(lengths.sum()) / max(sample_s, 1e-9)}
+    return ro, texts, metrics, prob_state
