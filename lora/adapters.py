@@ -63,6 +63,11 @@ def init_lora(cfg: GemmaConfig, rank: int, alpha: float, targets=DEFAULT_TARGETS
     return LoRA(layers=layers, scale=float(alpha) / rank)
 
 
+def count_trainable(lora: LoRA) -> int:
+    """Number of trainable numbers in the adapters (every A and B entry, all layers)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(lora)))
+
+
 # How each adapter's A @ B product maps onto the base weight it adapts (per layer, no L axis).
 _MERGE = {
     "q": ("DR,RNH->DNH", "q"),

@@ -1,0 +1,276 @@
+"""Sharding as data: a device mesh from a spec string, a logical-axis -> mesh-axis rules table, and the
+`NamedSharding`s of params, LoRA adapters, optimizer state, batches and KV caches derived from it.
+
+The mesh always has the three axes ("data", "fsdp", "tp"), in that order (outermost first); a spec string only
+sets their sizes, e.g. "fsdp=4,tp=2" -> data=1, fsdp=4, tp=2. The axes mean:
+    data  pure data parallelism: params replicated, the batch split (put it across hosts / slices, where links
+          are slowest, since it only all-reduces gradients once per step);
+    fsdp  the batch split AND the weights split along their model width (embed), gathered layer by layer;
+    tp    tensor parallelism: heads, kv heads, MLP hidden and vocab split (keep it within one host: it talks
+          in every layer).
+Every weight declares logical axis names once (gemma_jax.model.param_specs); `RULES` maps each name to a mesh
+axis. Divisibility fallback: when a dimension's size is not divisible by the size of the mesh axis (or axes) it
+maps to, that dimension is replicated instead (e.g. TINY's 2 kv heads on tp=4), and a mesh axis is used at most
+once per array (a later dimension that maps to an already used mesh axis is replicated). So every rule is
+always legal; it may just shard less than asked.
+
+Mesh axes are `AxisType.Auto`: XLA's sharding propagation places the activations from the input and weight
+shardings, so gemma_jax/model.py carries no sharding code at all.
+
+Multi-host (TPU pods, several GPU hosts, or several processes on one machine): every process runs the same
+program. Call `initialize_distributed(...)` first, before any other JAX call (on Cloud TPU pods and SLURM the
+arguments are detected automatically: call it with none), then `make_mesh` over `jax.devices()` which lists
+the devices of *all* processes. Each process loads only its share of the batch and turns it into one global
+array with `global_batch(local_rows, mesh)` (jax.make_array_from_process_local_data). Params initialised
+inside a jit with `out_shardings` (or placed with `shard`, when every process holds the same full values) are
+global arrays too. Only process 0 should write files (`jax.process_index() == 0`), after fetching values with
+`to_host` (a process cannot read shards that live on another host). On a TPU pod slice, e.g. v5e-16
+(4 hosts x 4 chips), run the same command on every host (`gcloud compute tpus tpu-vm ssh --worker=all`) with
+a mesh such as "data=4,tp=4" or "fsdp=4,tp=4"; multi-slice (DCN-connected) pods need
+`jax.experimental.mesh_utils.create_hybrid_device_mesh` instead and are not covered here.
+"""
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from gemma_jax.config import GemmaConfig
+from gemma_jax.model import param_axes, param_specs
+
+MESH_AXES = ("data", "fsdp", "tp")
+
+# Logical axis -> mesh axis (a name, a tuple of names sharing one dimension, or None for replicated).
+RULES = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tp",
+    "embed": "fsdp",
+    "heads": "tp",
+    "kv_heads": "tp",
+    "mlp": "tp",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    "rank": None,  # LoRA rank: small, replicated
+    "pair": None,  # the (k, v) axis of the fused kv adapter
+    "seq": None,
+    "cache_seq": None,
+}
+
+# Logical axes of each LoRA adapter (lora/adapters.py shapes, with the leading L axis).
+LORA_AXES = {
+    "q": (("layers", "embed", "rank"), ("layers", "rank", "heads", "head_dim")),
+    "k": (("layers", "embed", "rank"), ("layers", "rank", "kv_heads", "head_dim")),
+    "v": (("layers", "embed", "rank"), ("layers", "rank", "kv_heads", "head_dim")),
+    "kv": (("layers", "embed", "rank"), ("layers", "rank", "pair", "kv_heads", "head_dim")),
+    "o": (("layers", "heads", "head_dim", "rank"), ("layers", "rank", "embed")),
+    "gate": (("layers", "embed", "rank"), ("layers", "rank", "mlp")),
+    "up": (("layers", "embed", "rank"), ("layers", "rank", "mlp")),
+    "down": (("layers", "mlp", "rank"), ("layers", "rank", "embed")),
+}
+
+CACHE_AXES = {
+    "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    "pos": ("batch", "cache_seq"),
+    "valid": ("batch", "cache_seq"),
+    "index": (),
+}
+
+
+def parse_mesh_spec(spec: str, num_devices: int) -> dict:
+    """'fsdp=4,tp=2' -> {'data': 1, 'fsdp': 4, 'tp': 2}. One size may be -1 ("all remaining devices").
+
+    Raises ValueError naming the bad item when an axis is unknown or repeated, a size is not an integer >= 1
+    (or -1), or the sizes do not multiply to `num_devices`.
+    """
+    sizes, rest_axis = {}, None
+    for item in (s.strip() for s in spec.split(",")):
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq or name not in MESH_AXES:
+            raise ValueError(f"mesh spec {spec!r}: bad item {item!r}; expected AXIS=SIZE with AXIS in {MESH_AXES}")
+        if name in sizes or name == rest_axis:
+            raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ValueError(f"mesh spec {spec!r}: size of {name!r} must be an integer, got {value!r}") from None
+        if size == -1:
+            if rest_axis is not None:
+                raise ValueError(f"mesh spec {spec!r}: only one axis may be -1 (got {rest_axis!r} and {name!r})")
+            rest_axis = name
+        elif size < 1:
+            raise ValueError(f"mesh spec {spec!r}: size of {name!r} must be >= 1 or -1, got {size}")
+        else:
+            sizes[name] = size
+    fixed = math.prod(sizes.values())
+    if rest_axis is not None:
+        if num_devices % fixed:
+            raise ValueError(f"mesh spec {spec!r}: {num_devices} devices are not divisible by the fixed axes "
+                             f"(product {fixed}), so {rest_axis}=-1 has no integer size")
+        sizes[rest_axis] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(f"mesh spec {spec!r}: axis sizes multiply to {fixed} but there are {num_devices} devices; "
+                         "make them match (or use -1 for one axis)")
+    return {a: sizes.get(a, 1) for a in MESH_AXES}
+
+
+def make_mesh(spec: str, devices=None) -> Mesh:
+    """A ("data", "fsdp", "tp") mesh over `devices` (default: all devices of all processes) from a spec string
+    such as "fsdp=4,tp=2", "data=2,fsdp=2,tp=2", "tp=1" (a single device) or "fsdp=-1,tp=2".
+
+    jax.make_mesh orders the devices by the physical topology (rings on TPU), so neighbouring tp devices are
+    close. Axis types are Auto: XLA propagates shardings through the unannotated model code.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _mesh_size(mesh: Mesh, axis) -> int:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def logical_to_spec(axes, shape, mesh: Mesh, rules=None) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axes and shape, with the divisibility fallback:
+    a dimension whose size the mesh axis size does not divide, or whose mesh axis is already used by an earlier
+    dimension, is replicated. Mesh axes of size 1 are dropped (they shard nothing). Unknown names raise.
+    Only `mesh.shape` (axis name -> size) is read, so a stand-in object works for planning without devices."""
+    rules = RULES if rules is None else rules
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {tuple(shape)}")
+    used, out = set(), []
+    for name, size in zip(axes, shape):
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
+        target = None if name is None else rules[name]
+        names = () if target is None else (target if isinstance(target, tuple) else (target,))
+        names = tuple(n for n in names if n in mesh.shape and mesh.shape[n] > 1)
+        if not names or used & set(names) or size % _mesh_size(mesh, names):
+            out.append(None)
+            continue
+        used |= set(names)
+        out.append(names[0] if len(names) == 1 else names)
+    return PartitionSpec(*out)
+
+
+def named_sharding(axes, shape, mesh: Mesh, rules=None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def param_shardings(cfg: GemmaConfig, mesh: Mesh, rules=None) -> dict:
+    """NamedSharding of every weight (same tree as the params), from gemma_jax.model.param_specs' logical axes."""
+    shapes = jax.tree.map(lambda s: s.shape, param_specs(cfg), is_leaf=lambda x: hasattr(x, "axes"))
+    axes = param_axes(cfg)
+    return jax.tree.map(lambda a, s: named_sharding(a, s, mesh, rules), axes, shapes, is_leaf=_is_axes)
+
+
+def _is_axes(x):
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def lora_shardings(lora, mesh: Mesh, rules=None):
+    """Shardings of a `lora.LoRA` (a LoRA with NamedShardings as leaves; works on abstract adapters too).
+
+    A follows the input dimension of the weight it adapts (e.g. embed -> fsdp), B the output (heads/mlp -> tp),
+    the rank axis is replicated."""
+    layers = {}
+    for name, ab in lora.layers.items():
+        if name not in LORA_AXES:
+            raise ValueError(f"LoRA adapter {name!r} has no sharding axes; known: {sorted(LORA_AXES)}")
+        a_axes, b_axes = LORA_AXES[name]
+        layers[name] = {"a": named_sharding(a_axes, ab["a"].shape, mesh, rules),
+                        "b": named_sharding(b_axes, ab["b"].shape, mesh, rules)}
+    return type(lora)(layers=layers, scale=lora.scale)
+
+
+def optimizer_shardings(param_shardings_tree, mesh: Mesh) -> dict:
+    """Shardings of sft.optim.adamw_init's state: moments shaped (and sharded) like the params, scalar count."""
+    return {"count": replicated(mesh), "mu": param_shardings_tree, "nu": param_shardings_tree}
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch arrays ([B, ...]): rows split over data x fsdp, everything else replicated. B must be divisible by
+    mesh.shape['data'] * mesh.shape['fsdp']."""
+    names = tuple(n for n in RULES["batch"] if mesh.shape[n] > 1)
+    return NamedSharding(mesh, PartitionSpec(names or None))
+
+
+def cache_shardings(cache: dict, mesh: Mesh, rules=None) -> dict:
+    """Shardings of a KV cache from gemma_jax.model.init_cache (or its jax.eval_shape): k/v [L,B,S,K,H] split
+    by batch and kv heads, pos/valid [B,S] by batch, index replicated."""
+    return {k: named_sharding(CACHE_AXES[k], v.shape, mesh, rules) for k, v in cache.items()}
+
+
+def shard(tree, shardings):
+    """Place every leaf on its sharding (shardings: a tree matching `tree`, or one sharding for all leaves).
+
+    Single process: jax.device_put. Multi-host: every process must pass the same full values (e.g. params from
+    the same seed or file); each process then builds only its own shards (jax.make_array_from_callback), so
+    nothing crosses the network. For per-process data (batches) use `global_batch`.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def jit_sharded(fn, in_shardings, out_shardings, *, static_argnums=(), donate_argnums=()):
+    """jax.jit with explicit input/output shardings (trees matching the arguments / outputs; None entries leave
+    a placement to XLA). Inputs already on the declared shardings are used as they are; outputs land on theirs,
+    e.g. the new LoRA and optimizer state of a train step keep the layout of the old ones."""
+    return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, static_argnums=static_argnums,
+                   donate_argnums=donate_argnums)
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, cpu_collectives: str | None = None):
+    """Join the processes of a multi-host job (wraps jax.distributed.initialize); call before any other JAX use.
+
+    coordinator "host:port" of process 0. On Cloud TPU pods, SLURM and Open MPI all three arguments may be None
+    (auto-detected). cpu_collectives="gloo" lets CPU-only processes run cross-process collectives (tests and
+    laptops); GPUs and TPUs bring their own. Returns (process_index, process_count).
+    """
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return jax.process_index(), jax.process_count()
+
+
+def global_batch(local_tree, mesh: Mesh):
+    """One global batch from the rows this process loaded: every leaf [B_local, ...] becomes a global array
+    [B_local * process_count, ...] split by `batch_sharding(mesh)` (jax.make_array_from_process_local_data).
+
+    Process p's rows become global rows [p * B_local, (p + 1) * B_local) when the mesh puts each process's
+    devices on a contiguous block of the batch axes (the default device order does). With one process this
+    is just a sharded device_put."""
+    sharding = batch_sharding(mesh)
+
+    def make(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * jax.process_count(), *x.shape[1:]))
+
+    return jax.tree.map(make, local_tree)
+
+
+def to_host(tree):
+    """Fully replicated numpy copies of (possibly multi-host) global arrays, on every process."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -1,0 +1,104 @@
+"""Exporting trained adapters for Hugging Face users.
+
+- `export_merged_hf`: W' = W + (alpha/rank) A B folded into the base weights, written as a plain transformers
+  Gemma checkpoint (via gemma_jax.save_hf). Loads with `AutoModelForCausalLM.from_pretrained(path)`.
+- `export_peft`: the adapters alone as a PEFT LoRA adapter (`adapter_model.safetensors` + `adapter_config.json`),
+  loaded with `peft.PeftModel.from_pretrained(hf_gemma_model, path)`. No peft import is needed to write it.
+
+PEFT computes `y = x W^T + (x A_p^T B_p^T) * lora_alpha / r` per nn.Linear (weights [out, in]), so our adapters
+map as A_p = A^T [R, in] and B_p = B^T [out, R], with the output (or input) head axes flattened in HF's (N, H)
+order: q_proj out = N*H, k_proj/v_proj out = K*H, o_proj in = N*H. Our fused "kv" adapter (Tunix's: one A,
+B [R,2,K,H]) becomes separate k_proj and v_proj adapters that each carry a copy of the shared A; that is exact,
+because (x A) B_k and (x A) B_v are what the fused adapter computes too.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from gemma_jax.config import GemmaConfig
+from lora.adapters import LoRA, merge
+from lora.io import check_lora_fits
+
+# our target -> the Hugging Face module it adapts, inside model.layers.{i}.
+_PEFT_MODULES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+def export_merged_hf(path, cfg: GemmaConfig, params: dict, lora: LoRA | None) -> None:
+    """Write base params with the adapters merged in as a Hugging Face Gemma checkpoint (safetensors +
+    config.json), in the params' dtype. The merge runs in float32 and is cast back once."""
+    import gemma_jax  # lazily: gemma_jax.checkpoint is heavy and may be absent in minimal setups
+
+    if lora is not None:
+        check_lora_fits(cfg, lora)
+    merged = params if lora is None else merge(params, lora)
+    gemma_jax.save_hf(path, cfg, merged)
+
+
+def _peft_pairs(name, a_LX, b_LX):
+    """[(hf module, lora_A [L,R,in], lora_B [L,out,R])] for one of our adapters (float32 numpy, L axis first)."""
+    L, R = a_LX.shape[0], a_LX.shape[-1]
+    if name == "kv":
+        a_LRD = np.swapaxes(a_LX, 1, 2)
+        return [(_PEFT_MODULES[t], a_LRD.copy(), np.swapaxes(b_LX[:, :, c].reshape(L, R, -1), 1, 2))
+                for c, t in enumerate(("k", "v"))]
+    a_LRI = np.swapaxes(a_LX.reshape(L, -1, R), 1, 2)  # o: A [L,N,H,R] -> [L, N*H, R] -> [L, R, N*H]
+    b_LOR = np.swapaxes(b_LX.reshape(L, R, -1), 1, 2)  # q: B [L,R,N,H] -> [L,R,N*H] -> [L, N*H, R]
+    return [(_PEFT_MODULES[name], a_LRI, b_LOR)]
+
+
+def peft_tensors(lora: LoRA) -> dict:
+    """PEFT state dict names -> numpy arrays (float32), e.g.
+    base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight [R, D]."""
+    from gemma_jax.sharding import to_host
+
+    host = to_host(lora.layers)
+    out = {}
+    for name, ab in host.items():
+        if name not in _PEFT_MODULES and name != "kv":
+            raise ValueError(f"LoRA target {name!r} has no Hugging Face module to export to")
+        a, b = np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)
+        for module, a_LRI, b_LOR in _peft_pairs(name, a, b):
+            for i in range(a.shape[0]):
+                prefix = f"base_model.model.model.layers.{i}.{module}"
+                out[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a_LRI[i])
+                out[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b_LOR[i])
+    return out
+
+
+def export_peft(path, cfg: GemmaConfig, lora: LoRA, *, base_model_name_or_path: str | None = None) -> None:
+    """Write `adapter_model.safetensors` + `adapter_config.json` into the folder `path` (created if needed).
+
+    lora_alpha = scale * r, so PEFT's scaling lora_alpha / r equals ours. Tensors are float32 (PEFT casts them
+    to the base model's dtype on load). Multi-host: every process calls it, process 0 writes.
+    """
+    import jax
+    from safetensors.numpy import save_file
+
+    rank = check_lora_fits(cfg, lora)
+    tensors = peft_tensors(lora)
+    if jax.process_index() != 0:
+        return
+    alpha = lora.scale * rank
+    hf_targets = [t for n in lora.layers for t in (("k", "v") if n == "kv" else (n,))]
+    modules = sorted({_PEFT_MODULES[t].split(".")[-1] for t in hf_targets})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+        "layers_to_transform": None, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
