@@ -1,0 +1,147 @@
+"""SFT train-step benchmark: our jitted LoRA step vs Tunix's PeftTrainer step (qwix LoRA), same run, same model,
+same LoRA targets/rank, same batch, same optimizer (clip + AdamW); plus model-FLOPs utilisation against this
+machine's float32 matmul peak, measured here.
+
+    python bench/sft_step.py                  # MID, B=4 x T=256, LoRA rank 16 on q, kv, gate, up, down
+    python bench/sft_step.py --config tiny    # quick check
+
+Model FLOPs of one LoRA step (the base is frozen, so no weight gradients for it):
+    forward 2 * P_mm * tokens (+ attention 4 * B * T^2 * N * H per layer, + LoRA 2 * R * (in + out) per token);
+    backward: activation gradients = the forward again (2x for the attention scores/values), and for LoRA the
+    activation gradient plus the A and B weight gradients (3x its forward). P_mm counts every matmul weight once,
+    including the tied unembedding (V x D). The softmax/norm elementwise work is not counted.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "tests")]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gemma_jax.config import MID, TINY  # noqa: E402
+from gemma_jax.model import init_params  # noqa: E402
+from lora.adapters import init_lora  # noqa: E402
+from sft.optim import adamw_init  # noqa: E402
+from sft.train import HParams, train_step  # noqa: E402
+
+TARGETS = ("q", "kv", "gate", "up", "down")
+
+
+def median_time(fn, repeats):
+    fn()  # compile + warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_peak_gflops():
+    """Best float32 GFLOP/s of a jitted square matmul on this machine (several sizes, median of 5 each)."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+        f = jax.jit(lambda x: x @ x)
+        t = median_time(lambda: f(a).block_until_ready(), 5)
+        best = max(best, 2 * n**3 / t / 1e9)
+    return best
+
+
+def step_flops(cfg, B, T, rank):
+    L, D, F, N, K, H, V = (cfg.num_layers, cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads,
+                           cfg.head_dim, cfg.vocab_size)
+    tokens = B * T
+    p_mm = L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + V * D
+    attn = L * 4 * B * T * T * N * H
+    lora_io = L * ((D + N * H) + (D + 2 * K * H) + 2 * (D + F) + (F + D))
+    base = 2 * (2 * p_mm * tokens + attn)  # forward + activation gradients
+    lora = 4 * 2 * rank * lora_io * tokens  # forward + activation grad + A and B grads
+    return base + lora
+
+
+def make_batch(cfg, B, T):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, cfg.vocab_size, (B, T)).astype(np.int32)
+    loss_mask = np.zeros((B, T), bool)
+    loss_mask[:, T // 4:] = True  # the last 3/4 of each row is "completion"
+    return tokens, loss_mask
+
+
+def ours(cfg, params, lora, tokens, loss_mask, hp, repeats):
+    B, T = tokens.shape
+    batch = {"tokens": tokens, "loss_mask": loss_mask, "pad_mask": np.ones((B, T), bool),
+             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+             "segment_ids": np.ones((B, T), np.int32)}
+    batch = jax.tree.map(lambda x: jnp.asarray(x[None]), batch)
+    state = {"lora": lora, "opt": adamw_init(lora)}
+
+    def run():
+        lo, opt, m = train_step(state["lora"], state["opt"], params, batch, 0, cfg=cfg, hp=hp)
+        jax.block_until_ready(m["loss"])
+        state["lora"], state["opt"] = lo, opt
+
+    return median_time(run, repeats)
+
+
+def tunix(cfg, params, lora_rank, tokens, loss_mask, hp, repeats):
+    import optax
+    import qwix
+    from tunix.sft import peft_trainer
+    from tunix.sft import utils as tunix_utils
+    from tunix_utils import to_tunix
+
+    model = to_tunix(params, cfg)
+    provider = qwix.LoraProvider(module_path=".*q_einsum|.*kv_einsum|.*gate_proj|.*up_proj|.*down_proj",
+                                 rank=lora_rank, alpha=2.0 * lora_rank)
+    model = qwix.apply_lora_to_model(model, provider, **model.get_model_input())
+    tx = optax.chain(optax.clip_by_global_norm(hp.clip), optax.adamw(hp.peak_lr, weight_decay=hp.weight_decay))
+    trainer = peft_trainer.PeftTrainer(model, tx, peft_trainer.TrainingConfig(eval_every_n_steps=10**9))
+    step, _ = trainer.jit_train_and_eval_step()
+    pad = jnp.ones(tokens.shape, bool)
+    inputs = {"input_tokens": jnp.asarray(tokens), "input_mask": jnp.asarray(loss_mask),
+              "positions": tunix_utils.build_positions_from_mask(pad),
+              "attention_mask": tunix_utils.make_causal_attn_mask(pad)}
+    return median_time(lambda: jax.block_until_ready(step(inputs)[0]), repeats)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=("mid", "tiny"), default="mid")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    cfg = MID if args.config == "mid" else dataclasses.replace(TINY, query_pre_attn_scalar=TINY.head_dim)
+    B, T = args.batch, args.seq
+    params = jax.jit(init_params, static_argnums=(0, 1))(cfg, 0)
+    lora = init_lora(cfg, args.rank, 2.0 * args.rank, TARGETS, seed=0)
+    hp = HParams(peak_lr=1e-4, warmup_steps=0, total_steps=10**6, weight_decay=0.1, clip=1.0)
+    tokens, loss_mask = make_batch(cfg, B, T)
+    peak = matmul_peak_gflops()
+    t_ours = ours(cfg, params, lora, tokens, loss_mask, hp, args.repeats)
+    # the same step with the layers unrolled (cfg.scan_layers=False): longer compile, no scan loop on the CPU
+    t_unrolled = ours(dataclasses.replace(cfg, scan_layers=False), params, lora, tokens, loss_mask, hp, args.repeats)
+    t_tunix = tunix(cfg, params, args.rank, tokens, loss_mask, hp, args.repeats)
+    flops = step_flops(cfg, B, T, args.rank)
+    print(f"config {args.config}, B={B} T={T}, LoRA rank {args.rank} on {','.join(TARGETS)}, float32, "
+          f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}")
+    print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s; model FLOPs per step: {flops / 1e9:.2f} GFLOP")
+    print("| implementation | step time (s) | tokens/s | GFLOP/s | MFU |")
+    print("|---|---|---|---|---|")
+    rows = (("nanotunix train_step (scan over layers)", t_ours), ("nanotunix train_step (unrolled layers)", t_unrolled),
+            ("Tunix PeftTrainer (qwix LoRA)", t_tunix))
+    for name, t in rows:
+        print(f"| {name} | {t:.4f} | {B * T / t:.0f} | {flops / t / 1e9:.1f} | {flops / t / 1e9 / peak:.1%} |")
+    print(f"speed-up ours / Tunix: scan {t_tunix / t_ours:.2f}x, unrolled {t_tunix / t_unrolled:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

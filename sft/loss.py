@@ -1,0 +1,54 @@
+"""Masked next-token cross-entropy for SFT, over the LoRA-adapted model.
+
+    loss = sum_{b,t} m[b,t+1] * -log p(x[b,t+1] | x[b,:t+1]) / sum_{b,t} m[b,t+1]
+
+a per-TOKEN mean over every completion token in the batch (long completions weigh more than short ones), which
+is Tunix PeftTrainer's `_default_loss_fn` (0.1.7: `-sum(log_softmax(logits) * one_hot * mask) / (sum(mask) +
+1e-8)` with `target_mask = input_mask[:, 1:]`). Our `loss_mask` is Tunix's `input_mask`: True on target tokens.
+
+`nll_sum` returns the un-normalised sum and the token count so gradient accumulation can divide by the token
+count of the whole accumulated batch (k micro-batches then equal one big batch exactly; Tunix's optax.MultiSteps
+instead averages the k per-micro-batch means, which differs when micro-batches hold different token counts).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from gemma_jax.model import forward
+
+
+def token_nll(logits_BTV, tokens_BT):
+    """-log p(tokens[:, t+1]) from logits[:, t]: [B, T-1] float32 (logsumexp form, no full log-softmax kept)."""
+    logits = logits_BTV[:, :-1].astype(jnp.float32)
+    target = jnp.take_along_axis(logits, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target
+
+
+def nll_sum(lora, params, batch, cfg):
+    """(sum of target-token NLL, number of target tokens) for one batch dict (see sft/batches.py)."""
+    logits_BTV, _ = forward(params, batch["tokens"], cfg, positions_BT=batch.get("positions"),
+                            pad_mask_BT=batch.get("pad_mask"), segment_ids_BT=batch.get("segment_ids"), lora=lora)
+    mask = batch["loss_mask"][:, 1:]
+    # where(), not multiply: a masked position's NLL (even inf/nan from a padded row) contributes exactly zero.
+    nll = jnp.where(mask, token_nll(logits_BTV, batch["tokens"]), 0.0)
+    return jnp.sum(nll), jnp.sum(mask).astype(jnp.float32)
+
+
+def sft_loss(lora, params, batch, cfg):
+    """Per-token mean NLL over the batch's target tokens (Tunix PeftTrainer default). Returns (loss, n_tokens)."""
+    total, n = nll_sum(lora, params, batch, cfg)
+    return total / jnp.maximum(n, 1.0), n
+
+
+def per_example_loss(lora, params, batch, cfg, num_segments: int):
+    """Mean NLL per packed segment: [B, num_segments] (segments 1..n; 0 where a segment has no target tokens).
+    Used to check that packing several examples in a row gives each the loss it has alone."""
+    logits_BTV, _ = forward(params, batch["tokens"], cfg, positions_BT=batch.get("positions"),
+                            pad_mask_BT=batch.get("pad_mask"), segment_ids_BT=batch.get("segment_ids"), lora=lora)
+    mask = batch["loss_mask"][:, 1:]
+    nll = jnp.where(mask, token_nll(logits_BTV, batch["tokens"]), 0.0)
+    seg = batch["segment_ids"][:, 1:]
+    onehot = seg[..., None] == jnp.arange(1, num_segments + 1)
+    sums = jnp.einsum("BT,BTS->BS", nll, onehot.astype(nll.dtype))
+    counts = jnp.einsum("BT,BTS->BS", mask.astype(nll.dtype), onehot.astype(nll.dtype))
+    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0)
