@@ -105,9 +105,9 @@ def full_worker(which):
         run = lambda: fn(params, tokens).block_until_ready()  # noqa: E731
     else:
         from flax import nnx
+        from tunix.models.gemma import model as tunix_gemma
         from tunix.rl import common
         from tunix_utils import tunix_config
-        from tunix.models.gemma import model as tunix_gemma
 
         cfg_t = dataclasses.replace(cfg, query_pre_attn_scalar=cfg.head_dim)
         model = nnx.eval_shape(lambda: tunix_gemma.Gemma(tunix_config(cfg_t), rngs=nnx.Rngs(params=0)))

@@ -177,8 +177,35 @@ def attention_masks(cfg, q_pos_BT, k_pos_BS, k_valid_BS, q_slot_T, k_slot_S, q_s
     return mask, mask & in_window
 
 
-def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache_BSKH, v_cache_BSKH, index):
-    """Self-attention of one layer. With a cache, the new keys/values are written at slot `index` first."""
+def _scores(q_BTKGH, k_BSKH):
+    """q . k for every query and key [B,K,G,T,S], float32. One query (decoding) is a matrix-vector product per
+    (row, head): a fused multiply-reduce reads the cache once in its [B,S,K,H] layout, where a dot_general would
+    first transpose the cache to [B,K,S,H] (a full copy per layer per step)."""
+    k_BSKH = k_BSKH.astype(q_BTKGH.dtype)
+    if q_BTKGH.shape[1] == 1:
+        prod_BSKGH = q_BTKGH[:, 0][:, None].astype(jnp.float32) * k_BSKH[:, :, :, None, :].astype(jnp.float32)
+        return jnp.sum(prod_BSKGH, axis=-1).transpose(0, 2, 3, 1)[:, :, :, None, :]
+    return jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+
+
+def _weighted_values(p_BKGTS, v_BSKH):
+    """sum_S p v -> [B,T,K,G,H]; the one-query case as a fused multiply-reduce, as in `_scores`."""
+    if p_BKGTS.shape[3] == 1:
+        p_BSKG = p_BKGTS[:, :, :, 0].transpose(0, 3, 1, 2)
+        o_BKGH = jnp.sum(p_BSKG[..., None] * v_BSKH[:, :, :, None, :], axis=1, dtype=jnp.float32)
+        return o_BKGH[:, None].astype(v_BSKH.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
+
+
+def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache_BSKH=None, v_cache_BSKH=None,
+               mask_new_BTT=None):
+    """Self-attention of one layer; returns (output, this step's keys [B,T,K,H], values [B,T,K,H]).
+
+    Without a cache the T tokens attend to each other under mask_BTS [B,T,T]. With a cache the queries attend to
+    the cached slots under mask_BTS [B,T,S] and to the T new keys under mask_new_BTT, in one softmax over both;
+    the caller writes the new keys/values into the cache once, after all layers. (Writing them into the cache
+    here, inside the layer scan, made XLA copy the whole cache every layer: ~3x slower decoding.)
+    """
     B, T, _ = x_BTD.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q_BTNH = _project("q", "BTD,DNH->BTNH", x_BTD, w["q"], lora_layer, scale)
@@ -190,23 +217,29 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache
     q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_base)
     k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_base)
     if k_cache_BSKH is not None:
-        k_cache_BSKH = jax.lax.dynamic_update_slice(k_cache_BSKH, k_BTKH.astype(k_cache_BSKH.dtype), (0, index, 0, 0))
-        v_cache_BSKH = jax.lax.dynamic_update_slice(v_cache_BSKH, v_BTKH.astype(v_cache_BSKH.dtype), (0, index, 0, 0))
-        k_BSKH, v_BSKH = k_cache_BSKH, v_cache_BSKH
+        # Round-trip through the cache dtype, so this step sees exactly what later steps will read back.
+        k_BTKH, v_BTKH = k_BTKH.astype(k_cache_BSKH.dtype), v_BTKH.astype(v_cache_BSKH.dtype)
+        parts = [(k_cache_BSKH, v_cache_BSKH, mask_BTS), (k_BTKH, v_BTKH, mask_new_BTT)]
+        if k_cache_BSKH.shape[1] == T:  # the T tokens fill the whole cache: no earlier slot can exist
+            parts = parts[1:]
     else:
-        k_BSKH, v_BSKH = k_BTKH, v_BTKH
+        parts = [(k_BTKH, v_BTKH, mask_BTS)]
     q_BTNH = q_BTNH * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
     # Query heads are grouped over kv heads: N = K * (N // K) (MQA when K = 1, GQA otherwise).
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTKGH.dtype),
-                         preferred_element_type=jnp.float32)
+    s_BKGTS = jnp.concatenate([_scores(q_BTKGH, k) for k, _, _ in parts], axis=-1)
+    mask_BTS = jnp.concatenate([m for _, _, m in parts], axis=-1)
     s_BKGTS = softcap(s_BKGTS, cfg.attn_logit_softcap)  # before masking, as HF and Tunix do
     s_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], s_BKGTS, MASK_VALUE)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
+    o_BTKGH, start = 0, 0
+    for _, v, _ in parts:
+        p_part = jax.lax.slice_in_dim(p_BKGTS, start, start + v.shape[1], axis=-1).astype(v.dtype)
+        o_BTKGH = o_BTKGH + _weighted_values(p_part, v)
+        start += v.shape[1]
     o_BTNH = o_BTKGH.reshape(B, T, N, H).astype(x_BTD.dtype)
     out_BTD = _project("o", "BTNH,NHD->BTD", o_BTNH, w["o"], lora_layer, scale)
-    return out_BTD, k_cache_BSKH, v_cache_BSKH
+    return out_BTD, k_BTKH, v_BTKH
 
 
 def _mlp(x_BTD, w, lora_layer, scale):
@@ -216,17 +249,19 @@ def _mlp(x_BTD, w, lora_layer, scale):
     return _project("down", "BTF,FD->BTD", h_BTF, w["down"], lora_layer, scale)
 
 
-def _block(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache, v_cache, index):
-    """One transformer block: pre-norm attention and MLP, with Gemma 2's post-norms when configured."""
+def _block(cfg, x_BTD, w, lora_layer, scale, positions_BT, masks, k_cache, v_cache):
+    """One transformer block: pre-norm attention and MLP, with Gemma 2's post-norms when configured.
+    Returns (x, this step's keys, values)."""
     h = rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps)
-    h, k_cache, v_cache = _attention(cfg, h, w, lora_layer, scale, positions_BT, mask_BTS, k_cache, v_cache, index)
+    h, k_new, v_new = _attention(cfg, h, w, lora_layer, scale, positions_BT, *masks[:1], k_cache, v_cache,
+                                 *masks[1:])
     if cfg.use_post_norms:
         h = rms_norm(h, w["post_attn_norm"], cfg.norm_eps)
     x_BTD = x_BTD + h
     h = _mlp(rms_norm(x_BTD, w["ffw_norm"], cfg.norm_eps), w, lora_layer, scale)
     if cfg.use_post_norms:
         h = rms_norm(h, w["post_ffw_norm"], cfg.norm_eps)
-    return x_BTD + h, k_cache, v_cache
+    return x_BTD + h, k_new, v_new
 
 
 def embed(params, tokens_BT, cfg):
@@ -263,10 +298,10 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
     positions_BT = positions_BT.astype(jnp.int32)
 
     if cache is None:
-        index = 0
         slots_S = jnp.arange(T)
         mask_g, mask_l = attention_masks(cfg, positions_BT, positions_BT, pad_mask_BT, slots_S, slots_S,
                                          segment_ids_BT, segment_ids_BT)
+        masks_g, masks_l = (mask_g,), (mask_l,)
     else:
         index = cache["index"]
         S = cache["valid"].shape[1]
@@ -274,38 +309,41 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
         k_valid_BS = jax.lax.dynamic_update_slice(cache["valid"], pad_mask_BT, (0, index))
         mask_g, mask_l = attention_masks(cfg, positions_BT, k_pos_BS, k_valid_BS, index + jnp.arange(T),
                                          jnp.arange(S))
+        # Split each [B,T,S] mask into the slots written before this call and the T slots being written now.
+        old_S = jnp.arange(S) < index
+        split = lambda m: (m & old_S, jax.lax.dynamic_slice_in_dim(m, index, T, axis=2))  # noqa: E731
+        masks_g, masks_l = split(mask_g), split(mask_l)
 
     scale = 0.0 if lora is None else lora.scale
     lora_layers = None if lora is None else lora.layers
     is_local_L = jnp.asarray(cfg.is_local_layer)
     x_BTD = embed(params, tokens_BT, cfg)
 
-    def layer(carry, xs):
-        x, k_all, v_all = carry
-        w, lora_layer, is_local, i = xs
-        mask_BTS = jnp.where(is_local, mask_l, mask_g)
-        k_c = None if k_all is None else k_all[i]
-        v_c = None if v_all is None else v_all[i]
-        x, k_c, v_c = _block(cfg, x, w, lora_layer, scale, positions_BT, mask_BTS, k_c, v_c, index)
-        if k_all is not None:
-            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_c, i, 0)
-            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_c, i, 0)
-        return (x, k_all, v_all), None
+    def layer(x, xs):
+        w, lora_layer, is_local, k_c, v_c = xs
+        masks = tuple(jnp.where(is_local, ml, mg) for ml, mg in zip(masks_l, masks_g))
+        x, k_new, v_new = _block(cfg, x, w, lora_layer, scale, positions_BT, masks, k_c, v_c)
+        return x, (None, None) if cache is None else (k_new, v_new)
 
     if cfg.remat:
         layer = jax.checkpoint(layer, prevent_cse=not cfg.scan_layers)
-    carry = (x_BTD, None if cache is None else cache["k"], None if cache is None else cache["v"])
-    xs = (params["layers"], lora_layers, is_local_L, jnp.arange(cfg.num_layers))
+    xs = (params["layers"], lora_layers, is_local_L, None if cache is None else cache["k"],
+          None if cache is None else cache["v"])
     if cfg.scan_layers:
-        carry, _ = jax.lax.scan(layer, carry, xs)
+        x_BTD, (k_new_L, v_new_L) = jax.lax.scan(layer, x_BTD, xs)
     else:
+        ys = []
         for i in range(cfg.num_layers):
-            carry, _ = layer(carry, jax.tree.map(lambda a, i=i: a[i], xs))
-    x_BTD, k_all, v_all = carry
+            x_BTD, y = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], xs))
+            ys.append(y)
+        k_new_L, v_new_L = jax.tree.map(lambda *a: jnp.stack(a), *ys) if cache is not None else (None, None)
     h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
     new_cache = None
     if cache is not None:
-        new_cache = {"k": k_all, "v": v_all, "pos": k_pos_BS, "valid": k_valid_BS, "index": index + T}
+        # One in-place write of every layer's new keys/values at slots [index, index + T).
+        put = lambda c, new: jax.lax.dynamic_update_slice(c, new, (0, 0, index, 0, 0))  # noqa: E731
+        new_cache = {"k": put(cache["k"], k_new_L), "v": put(cache["v"], v_new_L), "pos": k_pos_BS,
+                     "valid": k_valid_BS, "index": index + T}
     return h_BTD, new_cache
 
 

@@ -1,0 +1,150 @@
+"""Sampler benchmark: generated tokens/s of our `generate` vs Tunix's `Sampler`, same weights, same run.
+
+Each row: B prompts of P tokens (unpadded, random ids), N new tokens, no stop id that can fire, so both samplers
+generate exactly B*N tokens. Time = best wall time of the whole call over --repeats rounds (ours and Tunix
+alternating), after a warm-up call that compiles; it includes the prefill of B*P tokens, so tok/s = B*N / time.
+Greedy unless --sample (T 0.6, top-k 50, as in the GRPO recipe; Tunix needs top_p for that mode, so top_p=1.0
+there). Tunix hard-codes the query scale to head_dim**-0.5, so both models get query_pre_attn_scalar = head_dim.
+
+    python bench/sampler.py                 # default grid: TINY and MID, ~5 minutes on a 2-core CPU
+    python bench/sampler.py --sweep         # B in {8,32} x N in {64,128,256} x P in {16,64,128}, TINY and MID
+    python bench/sampler.py --sample        # the same rows with top-k sampling
+    python bench/sampler.py --gpu           # GEMMA2_2B-shaped random bf16 weights, B 1 and 64: tok/s and the
+                                            # fraction of the HBM-bandwidth roofline (ours only; needs a GPU)
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "tests")]
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import gemma_jax as g  # noqa: E402
+from gemma_jax.model import count_params, init_params  # noqa: E402
+from gemma_jax.sampler import generate  # noqa: E402
+
+NEVER = 10**9  # a stop id no model can emit: every row runs to N tokens
+
+
+class IdTokenizer:
+    """What Tunix's Sampler needs from a tokenizer: text is whitespace-separated ids, so it sees our exact ids."""
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+    def bos_id(self):
+        return 2
+
+    def eos_id(self):
+        return 1
+
+    def pad_id(self):
+        return 0
+
+
+def best_of(fns, repeats):
+    """[(best wall time, first-call time)] per fn. One warm-up call each (it compiles), then `repeats` rounds that
+    alternate the fns, keeping each one's minimum: on a shared machine the minimum is the least disturbed run,
+    and alternating exposes both to the same background load."""
+    first = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        fn()
+        first.append(time.perf_counter() - t0)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return list(zip(best, first))
+
+
+def bench_row(cfg, params, tunix_model, B, P, N, sample, repeats):
+    from tunix.generate import sampler as tunix_sampler
+
+    prompts = [[2] + r for r in np.random.RandomState(B * P + N).randint(4, cfg.vocab_size, (B, P - 1)).tolist()]
+    samp = dict(temperature=0.6, top_k=50) if sample else dict(temperature=0.0)
+    cache = tunix_sampler.CacheConfig(cache_size=P + N, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+                                      head_dim=cfg.head_dim)
+    smp = tunix_sampler.Sampler(tunix_model, IdTokenizer(), cache)
+    texts = [" ".join(map(str, p)) for p in prompts]
+    t_samp = dict(temperature=0.6, top_k=50, top_p=1.0) if sample else dict(temperature=0.0)
+    return best_of([
+        lambda: generate(params, cfg, prompts, max_new_tokens=N, stop_ids=(NEVER,), seed=0, prompt_bucket=P, **samp),
+        lambda: smp(texts, max_generation_steps=N, max_prompt_length=P, eos_tokens=[NEVER], seed=0, **t_samp),
+    ], repeats)
+
+
+def cpu_table(args):
+    if args.sweep:
+        grid = [(b, p, n) for b in (8, 32) for n in (64, 128, 256) for p in (16, 64, 128)]
+        grids = {"TINY": grid, "MID": grid}
+    else:
+        grids = {"TINY": [(8, 16, 64), (32, 64, 128), (32, 128, 256)], "MID": [(8, 16, 64), (32, 128, 128)]}
+    from tunix_utils import to_tunix
+
+    print(f"{'model':<6} {'B':>3} {'P':>4} {'N':>4} {'ours tok/s':>11} {'tunix tok/s':>12} {'ratio':>6} "
+          f"{'ours 1st s':>10} {'tunix 1st s':>11}", flush=True)
+    for name, rows in grids.items():
+        if args.models and name not in args.models:
+            continue
+        cfg = dataclasses.replace(getattr(g, name), query_pre_attn_scalar=getattr(g, name).head_dim)
+        params = init_params(cfg, 0)
+        tunix_model = to_tunix(params, cfg)
+        for B, P, N in rows:
+            (ours, ours_first), (theirs, theirs_first) = bench_row(cfg, params, tunix_model, B, P, N, args.sample,
+                                                                   args.repeats)
+            print(f"{name:<6} {B:>3} {P:>4} {N:>4} {B * N / ours:>11.0f} {B * N / theirs:>12.0f} "
+                  f"{theirs / ours:>5.2f}x {ours_first:>10.1f} {theirs_first:>11.1f}", flush=True)
+
+
+def gpu_table(args):
+    """Decode roofline on an accelerator: each decode step must read every weight and the KV cache once, so
+    bytes/step = weight bytes + B * cache bytes in use; time/step >= bytes / HBM bandwidth."""
+    cfg = dataclasses.replace(g.GEMMA2_2B, param_dtype="bfloat16")
+    params = jax.jit(lambda: init_params(cfg, 0))()
+    wbytes = 2 * count_params(params)
+    P, N = 128, args.gpu_new_tokens
+    print(f"device {jax.devices()[0].device_kind}, weights {wbytes / 1e9:.2f} GB bf16, HBM {args.hbm_gbs:.0f} GB/s")
+    print(f"{'B':>3} {'P':>4} {'N':>4} {'tok/s':>9} {'ms/step':>8} {'roofline ms/step':>16} {'fraction':>8}")
+    for B in (1, 64):
+        prompts = np.random.RandomState(B).randint(4, cfg.vocab_size, (B, P)).tolist()
+        [(t, _)] = best_of([lambda: generate(params, cfg, prompts, max_new_tokens=N, temperature=0.0,
+                                             stop_ids=(NEVER,), prompt_bucket=P)], args.repeats)
+        step_s = t / N
+        # Average cache in use over the run (keys + values, all layers, bf16).
+        avg_len = P + N / 2
+        kv_bytes = 2 * 2 * cfg.num_layers * B * avg_len * cfg.num_kv_heads * cfg.head_dim
+        roof_s = (wbytes + kv_bytes) / (args.hbm_gbs * 1e9)
+        print(f"{B:>3} {P:>4} {N:>4} {B * N / t:>9.0f} {1e3 * step_s:>8.2f} {1e3 * roof_s:>16.2f} "
+              f"{roof_s / step_s:>8.2f}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="full grid (tens of minutes on a 2-core CPU)")
+    ap.add_argument("--sample", action="store_true", help="top-k sampling (T 0.6, k 50) instead of greedy")
+    ap.add_argument("--models", nargs="*", choices=["TINY", "MID"], help="restrict the CPU table to these configs")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gpu", action="store_true", help="GEMMA2_2B-shaped bf16 decode roofline (ours only)")
+    ap.add_argument("--gpu-new-tokens", type=int, default=256)
+    ap.add_argument("--hbm-gbs", type=float, default=3350.0, help="HBM bandwidth GB/s (H100 SXM 3350, H200 4800)")
+    args = ap.parse_args()
+    if args.gpu:
+        return gpu_table(args)
+    mode = "top-k sampling" if args.sample else "greedy"
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, float32, {mode}")
+    cpu_table(args)
+
+
+if __name__ == "__main__":
+    main()

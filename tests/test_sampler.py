@@ -1,0 +1,317 @@
+"""Sampler tests: greedy parity with Tunix's Sampler and with teacher forcing, log-probs, padding invariance,
+top-k/top-p filters vs NumPy and Tunix, sampled frequencies, stop handling, shared-prefill samples, the CLI."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tunix_utils import to_tunix
+
+import gemma_jax as g
+from gemma_jax.model import forward, init_params
+from gemma_jax.sampler import bucket_length, filter_logits, generate, pad_prompts, sample_logits
+
+N_NEW = 24  # > the TINY window (8), so decoding crosses the sliding window
+
+
+def _diverse_params(cfg, seed):
+    """Random weights whose greedy output does not collapse to one repeated token: with the default init the tied
+    embedding dominates the residual and the model predicts its input again. A smaller embedding, larger layer
+    weights and non-zero norms give ~25 distinct tokens in 32 greedy steps."""
+    p = init_params(cfg, seed)
+    key = jax.random.key(seed + 100)
+    layers = {k: (0.3 * jax.random.normal(jax.random.fold_in(key, i), v.shape) if "norm" in k else 2.0 * v)
+              for i, (k, v) in enumerate(p["layers"].items())}
+    return {**p, "layers": layers, "embed": 0.3 * p["embed"]}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _diverse_params(g.TINY, 0)
+
+
+MIXED = [5, 11, 16]  # prompt lengths of the shared greedy batch: one left-padded bucket of 16
+
+
+@pytest.fixture(scope="module")
+def greedy_mixed(params):
+    """(prompts, output): greedy, no stop ids, a left-padded batch of three prompts of different lengths."""
+    prompts = _prompts(MIXED)
+    return prompts, generate(params, g.TINY, prompts, max_new_tokens=N_NEW, temperature=0.0, stop_ids=())
+
+
+def _prompts(lengths, seed=0, vocab=512):
+    rs = np.random.RandomState(seed)
+    return [[2] + rs.randint(4, vocab, n - 1).tolist() for n in lengths]
+
+
+def _teacher_forced(params, cfg, prompts, completions):
+    """Per row, logits [n, V] predicting each completion token from the unpadded prompt + completion so far.
+    Rows are right-padded to one [4k, 48] shape (padding after a token cannot change it: causal attention), so
+    every test shares one compile of the forward."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    rows = -(-len(seqs) // 4) * 4
+    tokens, mask = np.zeros((rows, 48), np.int32), np.zeros((rows, 48), bool)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)], mask[i, : len(s)] = s, True
+    logits = np.asarray(forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask))[0])
+    return [logits[i, len(p) - 1: len(s) - 1] for i, (p, s) in enumerate(zip(prompts, seqs))]
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+class IdTokenizer:
+    """The minimal tokenizer Tunix's Sampler accepts: text is whitespace-separated token ids (so we feed it the
+    exact ids we feed ours). bos_id 2 is prepended by Tunix and de-duplicated with the prompt's own <bos>."""
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids)
+
+    def bos_id(self):
+        return 2
+
+    def eos_id(self):
+        return 1
+
+    def pad_id(self):
+        return 0
+
+
+def test_greedy_matches_tunix_sampler():
+    """Same weights, same unpadded prompts (Tunix's sliding mask differs from HF on left-padded rows, see
+    test_model): identical greedy tokens, and Tunix's log-probs (under the raw logits) within 1e-5."""
+    from tunix.generate import sampler as tunix_sampler
+
+    cfg = dataclasses.replace(g.TINY, query_pre_attn_scalar=16)  # Tunix hard-codes head_dim**-0.5
+    params = _diverse_params(cfg, 1)
+    prompts = _prompts([16] * 3, seed=1)
+    stop_ids = (1, 7)
+    cache_cfg = tunix_sampler.CacheConfig(cache_size=64, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+                                          head_dim=cfg.head_dim)
+    sampler = tunix_sampler.Sampler(to_tunix(params, cfg), IdTokenizer(), cache_cfg)
+    ref = sampler([" ".join(map(str, p)) for p in prompts], max_generation_steps=N_NEW, max_prompt_length=16,
+                  temperature=0.0, eos_tokens=list(stop_ids), return_logprobs=True)
+    assert np.array_equal(ref.padded_prompt_tokens, np.asarray(prompts))  # Tunix saw our ids, unpadded
+    out = generate(params, cfg, prompts, max_new_tokens=N_NEW, temperature=0.0, stop_ids=stop_ids)
+    for i in range(len(prompts)):
+        n = out.lengths[i] - int(out.stopped[i])  # Tunix's tokens stop before the stop id
+        assert out.tokens[i, :n].tolist() == ref.tokens[i].tolist()
+        assert np.abs(out.logprobs[i, :n] - np.asarray(ref.logprobs[i])).max() <= 1e-5
+    assert len({t for row in out.tokens.tolist() for t in row}) >= 20  # a non-degenerate output
+
+
+@pytest.mark.parametrize("k,p,temp", [(None, 0.8, 0.7), (10, 0.9, 1.0), (5, None, 1.3), (None, None, 0.6)])
+def test_sampling_step_matches_tunix_sample_top_p(k, p, temp):
+    """For one row our per-row key draws the same Gumbel noise as Tunix's batch key, so the filtered draw must be
+    the same token for each of 200 keys, and the log-prob (under logits / T) the same number."""
+    from tunix.generate.sampler import sample_top_p
+
+    logits = jnp.asarray(2.0 * np.random.RandomState(2).randn(1, 64), jnp.float32)
+
+    def both(key):
+        ref_tok, ref_lp = sample_top_p(logits[:, None, :], key, temp, 1.0 if p is None else p, k,
+                                       return_logprobs=True)
+        tok, lp, _ = sample_logits(logits, key[None], temp, top_k=k, top_p=p)
+        return ref_tok[0], ref_lp[0], tok[0], lp[0]
+
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(3), jnp.arange(200))
+    ref_tok, ref_lp, tok, lp = map(np.asarray, jax.jit(jax.vmap(both))(keys))
+    assert tok.tolist() == ref_tok.tolist()
+    assert np.abs(lp - ref_lp).max() <= 1e-6
+    assert len(set(tok.tolist())) >= 3
+
+
+def test_greedy_is_teacher_forced_argmax_with_logprobs(params, greedy_mixed):
+    """Left-padded batch of different lengths: every greedy token is the argmax of the teacher-forced forward
+    on the unpadded prompt, and both log-prob outputs equal its log-softmax at that token (<= 1e-5)."""
+    prompts, out = greedy_mixed
+    assert out.prompt_tokens.shape == (3, 16) and out.prompt_mask.sum(1).tolist() == MIXED
+    for i, logits in enumerate(_teacher_forced(params, g.TINY, prompts, out.tokens)):
+        assert out.tokens[i].tolist() == logits.argmax(-1).tolist()
+        ref = np.take_along_axis(_log_softmax(logits), out.tokens[i][:, None], -1)[:, 0]
+        assert np.abs(out.logprobs[i] - ref).max() <= 1e-5
+        assert np.abs(out.raw_logprobs[i] - ref).max() <= 1e-5
+    assert len({t for row in out.tokens.tolist() for t in row}) >= 20  # a non-degenerate output
+
+
+def test_sampled_logprobs_and_filter_membership(params):
+    """Sampling with T=0.8, top_k=40, top_p=0.9: logprobs == log_softmax(forward / T) and raw_logprobs ==
+    log_softmax(forward) at the sampled tokens (<= 1e-5), and every sampled token is inside the top-k/top-p set
+    of the teacher-forced logits."""
+    cfg, temp, k, top_p = g.TINY, 0.8, 40, 0.9
+    prompts = _prompts([7, 16])
+    out = generate(params, cfg, prompts, max_new_tokens=N_NEW, temperature=temp, top_k=k, top_p=top_p,
+                   stop_ids=(), seed=5, num_samples=2)
+    for r, logits in enumerate(_teacher_forced(params, cfg, [p for p in prompts for _ in range(2)], out.tokens)):
+        toks = out.tokens[r][:, None]
+        assert np.abs(out.logprobs[r] - np.take_along_axis(_log_softmax(logits / temp), toks, -1)[:, 0]).max() <= 1e-5
+        assert np.abs(out.raw_logprobs[r] - np.take_along_axis(_log_softmax(logits), toks, -1)[:, 0]).max() <= 1e-5
+        kept = np.isfinite(_numpy_filter(logits / temp, k, top_p))
+        assert np.take_along_axis(kept, toks, -1).all()
+    assert not np.array_equal(out.tokens[0], out.tokens[1])  # the two samples of a prompt differ
+
+
+def test_left_padded_batch_equals_each_prompt_alone(params, greedy_mixed):
+    """Greedy tokens (and log-probs) of a mixed-length left-padded batch equal each prompt decoded alone."""
+    cfg = g.TINY
+    prompts, batch = greedy_mixed
+    for i, p in enumerate(prompts):
+        alone = generate(params, cfg, [p], max_new_tokens=N_NEW, temperature=0.0, stop_ids=(), prompt_bucket=16)
+        assert int(alone.prompt_mask.sum()) == len(p)
+        assert batch.tokens[i].tolist() == alone.tokens[0].tolist()
+        assert np.abs(batch.logprobs[i] - alone.logprobs[0]).max() <= 1e-5
+
+
+def _numpy_filter(x, top_k, top_p):
+    """Reference for Tunix's sample_top_p filter in NumPy: stable descending sort (ties to the lower id), keep
+    top_k, then drop sorted tokens whose exclusive cumulative softmax mass over the kept ones exceeds top_p."""
+    out = np.full_like(x, -np.inf)
+    for b in range(x.shape[0]):
+        order = np.argsort(-x[b], kind="stable")[: top_k or x.shape[1]]
+        vals = x[b, order]
+        probs = np.exp(vals - vals.max())
+        probs /= probs.sum()
+        keep = np.ones(len(order), bool) if top_p is None else (np.cumsum(probs) - probs) <= top_p
+        out[b, order[keep]] = vals[keep]
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (3, None), (None, 0.5), (4, 0.7), (1, 0.99), (None, 0.05)])
+def test_filter_logits_matches_numpy(top_k, top_p):
+    rs = np.random.RandomState(6)
+    x = rs.randn(5, 12).astype(np.float32) * 2
+    x[0, 3] = x[0, 7] = x[0].max() + 1  # a tie at the top: top_k=1 keeps the lower id
+    got = np.asarray(filter_logits(jnp.asarray(x), top_k, top_p))
+    ref = _numpy_filter(x, top_k, top_p)
+    assert np.array_equal(np.isfinite(got), np.isfinite(ref))
+    assert np.array_equal(got[np.isfinite(got)], ref[np.isfinite(ref)])
+    if top_k == 1:
+        assert np.isfinite(got[0]).nonzero()[0].tolist() == [3]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (4, 0.8)])
+def test_sampled_frequencies_match_softmax(top_k, top_p):
+    """200,000 draws on a 6-token vocabulary (fixed seed) against softmax(logits / T) renormalised over the
+    filter's kept set. Pearson's chi-square over the kept tokens must stay below 22.46, the 99.9% quantile of
+    chi-square with 5 dof (fewer dof when fewer tokens are kept, so the bound is conservative); a wrong
+    temperature (e.g. T=1) gives a statistic in the thousands. Filtered-out tokens must never be drawn."""
+    n, temp = 200_000, 0.7
+    logits = np.array([[1.0, 0.5, -0.3, 2.0, 0.0, -1.5]], np.float32)
+    keys = jax.random.split(jax.random.key(11), n)
+    toks, lp, raw = jax.jit(lambda k: sample_logits(jnp.broadcast_to(jnp.asarray(logits), (n, 6)), k, temp,
+                                                    top_k=top_k, top_p=top_p))(keys)
+    counts = np.bincount(np.asarray(toks), minlength=6)
+    expected_logits = _numpy_filter(logits / temp, top_k, top_p)[0]
+    kept = np.isfinite(expected_logits)
+    p = np.exp(expected_logits - expected_logits[kept].max())
+    p /= p.sum()
+    assert counts[~kept].sum() == 0
+    chi2 = float((((counts - n * p) ** 2)[kept] / (n * p[kept])).sum())
+    assert chi2 < 22.46, chi2
+    if top_k is not None:
+        assert kept.sum() == 2  # top_k 4, then top_p 0.8 cuts two more (masses .71, .17 | .08, .04): active
+    ref_lp = _log_softmax(logits / temp)[0][np.asarray(toks)]
+    assert np.abs(np.asarray(lp) - ref_lp).max() <= 1e-5
+    assert np.abs(np.asarray(raw) - _log_softmax(logits)[0][np.asarray(toks)]).max() <= 1e-5
+
+
+def test_stop_ids_rows_stop_independently(params, greedy_mixed):
+    """Pick stop ids from the unstopped greedy run, so the expected output is known exactly: each row ends at its
+    first stop id (kept, counted in lengths, stopped=True), then pad and 0 log-probs; rows without one are
+    truncated (stopped=False, length = max_new_tokens) and unchanged."""
+    prompts, free = greedy_mixed
+    assert free.lengths.tolist() == [N_NEW] * 3 and not free.stopped.any()
+    # Stop ids: the first token row 0 emits at step >= 3 and row 1 at step >= 12 that row 2 never emits, and one
+    # id nobody emits (several stop ids, one unused).
+    first_new = lambda row, t: next(int(x) for x in free.tokens[row, t:] if x not in free.tokens[2])  # noqa: E731
+    stops = (first_new(0, 3), first_new(1, 12), min(set(range(4, 512)) - set(free.tokens.ravel().tolist())))
+    out = generate(params, g.TINY, prompts, max_new_tokens=N_NEW, temperature=0.0, stop_ids=stops, pad_id=0)
+    for i in range(3):
+        hits = [t for t, tok in enumerate(free.tokens[i]) if tok in stops]
+        n = hits[0] + 1 if hits else N_NEW
+        assert out.lengths[i] == n and out.stopped[i] == bool(hits)
+        assert out.tokens[i, :n].tolist() == free.tokens[i, :n].tolist()
+        assert (out.tokens[i, n:] == 0).all() and (out.logprobs[i, n:] == 0).all()
+        assert (out.raw_logprobs[i, n:] == 0).all()
+        assert np.abs(out.logprobs[i, :n] - free.logprobs[i, :n]).max() <= 1e-6
+    assert out.stopped[:2].all() and not out.stopped[2] and out.lengths[2] == N_NEW
+
+
+def test_num_samples_equals_repeating_prompts(params, greedy_mixed):
+    """num_samples=G (one prefill, cache repeated) gives the same tokens as each prompt listed G times in a row;
+    the G samples of a prompt differ; a row's draws do not depend on its bucket's left padding (keys depend on
+    seed, row and step only); same seed same tokens, another seed other tokens."""
+    cfg, G = g.TINY, 3
+    prompts = _prompts([5, 13], seed=9)
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=30, stop_ids=(1,), seed=21)
+    shared = generate(params, cfg, prompts, num_samples=G, **kw)
+    repeated = generate(params, cfg, [p for p in prompts for _ in range(G)], **kw)
+    assert shared.tokens.shape == (len(prompts) * G, 16)
+    assert shared.tokens.tolist() == repeated.tokens.tolist()
+    assert shared.lengths.tolist() == repeated.lengths.tolist()
+    assert np.abs(shared.logprobs - repeated.logprobs).max() <= 1e-5
+    assert np.array_equal(shared.prompt_tokens, repeated.prompt_tokens)
+    assert len({tuple(r) for r in shared.tokens[:G].tolist()}) == G
+    wide = generate(params, cfg, prompts[:1], prompt_bucket=32, **kw)  # row 0 again, 27 pads instead of 11
+    assert wide.prompt_tokens.shape == (1, 32) and wide.tokens[0].tolist() == shared.tokens[0].tolist()
+    again = generate(params, cfg, prompts, num_samples=G, **kw)
+    assert again.tokens.tolist() == shared.tokens.tolist()
+    other = generate(params, cfg, prompts, num_samples=G, **{**kw, "seed": 22})
+    assert other.tokens.tolist() != shared.tokens.tolist()
+
+
+def test_lora_adapters_are_applied(params, greedy_mixed):
+    """Greedy decoding with non-zero adapters equals decoding the merged weights, and differs from the base."""
+    import lora as lora_lib
+
+    cfg = g.TINY
+    adapters = lora_lib.init_lora(cfg, rank=4, alpha=8.0, seed=1)
+    adapters = dataclasses.replace(adapters, layers=jax.tree.map(
+        lambda b: 0.5 * jax.random.normal(jax.random.key(2), b.shape), adapters.layers))
+    prompts, base = greedy_mixed
+    kw = dict(max_new_tokens=N_NEW, temperature=0.0, stop_ids=())
+    with_lora = generate(params, cfg, prompts, lora=adapters, **kw)
+    merged = generate(lora_lib.merge(params, adapters), cfg, prompts, **kw)
+    assert with_lora.tokens.tolist() == merged.tokens.tolist()
+    assert (with_lora.tokens != base.tokens).mean() > 0.5
+
+
+def test_buckets_and_bad_input(params):
+    assert [bucket_length(n) for n in (1, 8, 9, 100, 128, 129, 300)] == [8, 8, 16, 128, 128, 256, 384]
+    tokens, mask = pad_prompts(np.array([[5, 6, 0, 0], [0, 7, 8, 9]]), prompt_mask=np.array(
+        [[1, 1, 0, 0], [0, 1, 1, 1]], bool))
+    assert tokens.tolist() == [[0] * 6 + [5, 6], [0] * 5 + [7, 8, 9]] and mask.sum(1).tolist() == [2, 3]
+    cfg = g.TINY
+    with pytest.raises(ValueError, match=r"prompts\[1\].*non-empty"):
+        generate(params, cfg, [[2, 3], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"prompts\[0\].*\[0, 512\)"):
+        generate(params, cfg, [[2, 600]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(params, cfg, [[2, 3]], max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(params, cfg, [[2, 3]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="prompt_bucket 4"):
+        generate(params, cfg, [[2, 3, 4, 5, 6]], max_new_tokens=2, prompt_bucket=4)
+
+
+def test_generate_cli_prints_the_greedy_completion(params, tokenizer, tokenizer_path, monkeypatch, capsys):
+    """run.py --stage generate: chat template applied, greedy completion printed, stop ids from the tokenizer.
+    The checkpoint loader (gemma_jax/checkpoint.py, tested on its own) is replaced by one returning our params."""
+    import run
+
+    monkeypatch.setattr(g, "load_checkpoint", lambda path, dtype=None: (g.TINY, params))
+    rc = run.main(["--stage", "generate", "--ckpt", "unused", "--tokenizer", tokenizer_path, "--prompt",
+                   "what is 3 plus 9?", "--system", "Be brief.", "--max-new-tokens", "10"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    ids = tokenizer.encode_chat("what is 3 plus 9?", "Be brief.")
+    expected = generate(params, g.TINY, [ids], max_new_tokens=10, temperature=0.0, stop_ids=tokenizer.stop_ids)
+    assert printed == tokenizer.decode(expected.tokens[0, : expected.lengths[0]]) + "\n"
