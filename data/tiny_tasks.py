@@ -18,6 +18,7 @@ import csv
 import os
 import random
 
+from data.rl import system_prompt_for
 from rewards.tags import render_completion
 
 NAMES = ["Tom", "Ana", "Ben", "Mia", "Sam", "Eva", "Leo", "Zoe", "Max", "Ivy"]
@@ -30,28 +31,29 @@ def _math_item(rng):
     """One two-step arithmetic word problem: (question, reasoning, answer)."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.randrange(4)
+    # Small numbers (results mostly under 30): a 2M-parameter model can learn this arithmetic in minutes.
     if kind == 0:
-        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
         c = rng.randint(1, a + b - 1)
         q = f"{name} has {a} {item}s. {name} gets {b} more and then gives away {c}. How many {item}s are left?"
         r = f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}."
         return q, r, str(a + b - c)
     if kind == 1:
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
         c = rng.randint(1, a * b - 1)
         q = f"There are {a} boxes with {b} {item}s in each box. {c} {item}s are lost. How many {item}s are left?"
         r = f"{a} * {b} = {a * b}. {a * b} - {c} = {a * b - c}."
         return q, r, str(a * b - c)
     if kind == 2:
-        b, each = rng.randint(2, 9), rng.randint(2, 9)
-        c = rng.randint(1, 20)
+        b, each = rng.randint(2, 5), rng.randint(2, 5)
+        c = rng.randint(1, 9)
         a = b * each
         q = f"{name} shares {a} {item}s equally among {b} friends. Each friend then finds {c} more. " \
             f"How many {item}s does each friend have?"
         r = f"{a} / {b} = {each}. {each} + {c} = {each + c}."
         return q, r, str(each + c)
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
-    c = a * b + rng.randint(1, 30)
+    a, b = rng.randint(2, 5), rng.randint(2, 5)
+    c = a * b + rng.randint(1, 9)
     q = f"One {item} costs {a} dollars. {name} buys {b} {item}s and pays with {c} dollars. How much change is there?"
     r = f"{a} * {b} = {a * b}. {c} - {a * b} = {c - a * b}."
     return q, r, str(c - a * b)
@@ -67,12 +69,17 @@ def _general_item(rng):
         return q, r, " ".join(reversed(words))
     if kind == 1:
         words = rng.sample(WORDS, rng.randint(3, 4))
+        while len({w[0] for w in words}) < len(words):  # distinct first letters: the reasoning below suffices
+            words = rng.sample(WORDS, len(words))
         first = min(words)
         q = f"Which word comes first in alphabetical order: {', '.join(words)}?"
         r = f"The first letters are {', '.join(w[0] for w in words)}. The earliest is {first[0]}, so it is {first}."
         return q, r, first
-    day, k = rng.randrange(7), rng.randint(1, 6)
-    q = f"Today is {DAYS[day]}. What day will it be in {k} days?"
+    name, day, k = rng.choice(NAMES), rng.randrange(7), rng.randint(1, 9)
+    if rng.random() < 0.5:
+        q = f"Today is {DAYS[day]}. {name} will travel in {k} days. On which day will {name} travel?"
+    else:
+        q = f"{name} starts a trip on {DAYS[day]}. The trip lasts {k} days. On which day does the trip end?"
     steps = ", ".join(DAYS[(day + i) % 7] for i in range(1, k + 1))
     r = f"Counting {k} days after {DAYS[day]}: {steps}."
     return q, r, DAYS[(day + k) % 7]
@@ -123,9 +130,10 @@ def write_all(out_dir, *, seed=0, n_sft=2000, n_rl=1000, n_eval=200, n_corpus=20
     for name, items in [("sft_train", splits["sft"]), ("sft_eval", splits["eval"])]:
         with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["user", "assistant", "domain"])
+            w.writerow(["user", "assistant", "domain", "system"])
             for it in items:
-                w.writerow([it["question"], render_completion(it["reasoning"], it["answer"]), it["domain"]])
+                w.writerow([it["question"], render_completion(it["reasoning"], it["answer"]), it["domain"],
+                            system_prompt_for(it["domain"])])
     for name, items in [("rl_train", splits["rl"]), ("rl_eval", splits["eval"])]:
         with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
             w = csv.writer(f)

@@ -7,7 +7,7 @@ Defaults are the recipe's (REFERENCE.md §5): G 4, beta 0.08, epsilon 0.2, tempe
 256 prompt + 768 generated tokens, lr 1e-6, grad clip 0.1, AdamW; LoRA rank 32 / alpha 64 unless the SFT
 adapters are given (they are then trained further). Outputs under --out: metrics.jsonl, checkpoints/, and the
 final adapters in adapters/ (lora/io.py). Rerunning the same command continues from the newest checkpoint.
-With no arguments it runs the embedded default (`default_paths`).
+With neither --base nor --data, run.py runs the embedded default instead (grpo/embedded.py).
 """
 
 import argparse
@@ -15,23 +15,6 @@ import os
 import sys
 
 from grpo.loss import KL_KINDS, LOSS_AGG_MODES
-
-BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundled")
-
-
-def default_paths() -> dict:
-    """THE EMBEDDED DEFAULT: the tiny model, tokenizer and RL data bundled under `bundled/` (filled in by the
-    bundling step). Used when `run.py` is called with no arguments. Raises naming every missing file."""
-    paths = {"base": os.path.join(BUNDLED, "model"), "tokenizer": os.path.join(BUNDLED, "model", "tokenizer.model"),
-             "data": os.path.join(BUNDLED, "rl_train.csv"), "eval_data": os.path.join(BUNDLED, "rl_eval.csv"),
-             "sft_adapters": os.path.join(BUNDLED, "sft_adapters")}
-    missing = [f"{k}: {v}" for k, v in paths.items() if k != "sft_adapters" and not os.path.exists(v)]
-    if missing:
-        raise FileNotFoundError("the embedded default run needs the bundled files, missing: " + "; ".join(missing)
-                                + ". Pass --base, --tokenizer and --data explicitly instead.")
-    if not os.path.exists(paths["sft_adapters"]):
-        paths["sft_adapters"] = None
-    return paths
 
 
 def parse_args(argv):
@@ -119,12 +102,9 @@ def hparams_from_args(args):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.base is None and args.data is None:  # no model and no data given: the embedded default run
-        d = default_paths()
-        args.base, args.tokenizer, args.data = d["base"], d["tokenizer"], d["data"]
-        args.eval_data, args.sft_adapters = d["eval_data"], args.sft_adapters or d["sft_adapters"]
     if args.base is None or args.data is None:
-        raise SystemExit("run.py --stage grpo: --base and --data are required (or give neither for the default run)")
+        raise SystemExit("run.py --stage grpo: --base and --data are required (or neither, through run.py, for the "
+                         "embedded default)")
     from grpo.evaluate import load_rl_records
     from grpo.learner import train
     from lora.adapters import init_lora

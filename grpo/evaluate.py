@@ -19,7 +19,7 @@ from grpo.rollout import make_score_fn, prompt_ids, text_metrics
 
 
 def evaluate(params, cfg, lora, records, tokenizer, *, hp=None, max_prompt_tokens: int = 256,
-             max_new_tokens: int = 768, batch_size: int = 8) -> dict:
+             max_new_tokens: int = 768, batch_size: int = 8, samples_path: str | None = None) -> dict:
     """The module docstring's metrics over `records` (hp, when given, sets the prompt and generation budgets)."""
     from rewards.prob import ProbRewardConfig, prob_rewards
     from rewards.router import reward_type
@@ -30,10 +30,14 @@ def evaluate(params, cfg, lora, records, tokenizer, *, hp=None, max_prompt_token
     texts, lengths = [], []
     for s in range(0, len(prompts), batch_size):
         out = generate(params, cfg, prompts[s:s + batch_size], max_new_tokens=max_new_tokens, temperature=0.0,
-                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                       lora=lora, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
                        prompt_bucket=bucket_length(max_prompt_tokens))
         texts += [tokenizer.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
         lengths += out.lengths.tolist()
+    if samples_path:
+        with open(samples_path, "w") as f:
+            for r, t in zip(records, texts):
+                f.write(f"### {r.get('domain')}: {r['question']}\n### reference: {r['answer']}\n{t}\n\n")
     metrics = text_metrics(texts, records)
     other = [i for i, r in enumerate(records) if reward_type(r, i) == "prob"]
     metrics["prob_reward_mean"] = float("nan")

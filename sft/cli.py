@@ -24,23 +24,6 @@ COMMON_DEFAULTS = dict(batch=2, grad_accum=64, warmup=20, weight_decay=0.1, clip
 KINDS = {"glaive": "glaive", "bespoke": "bespoke", "csv": "recipe_csv"}
 
 
-def default_paths() -> dict:
-    """THE EMBEDDED DEFAULT: the bundled tiny model, tokenizer and SFT data (built by runs/make_tiny.py and
-    data/tiny_tasks.py), plus run settings sized for a CPU. Used when neither --data nor --base is given."""
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundled")
-    paths = {"base": os.path.join(root, "base"), "tokenizer": os.path.join(root, "tokenizer.model"),
-             "data": [os.path.join(root, "data", "sft_train.csv")], "eval_data": [os.path.join(root, "data",
-                                                                                                "sft_eval.csv")]}
-    missing = [p for p in (paths["base"], paths["tokenizer"], *paths["data"]) if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"embedded default: bundled files missing: {missing}; build them with "
-                                "`python runs/make_tiny.py tokenizer` / `pretrain` (see runs/tiny.sh), or pass "
-                                "--base, --tokenizer and --data")
-    settings = dict(lr=3e-3, max_len=192, batch=8, grad_accum=1, steps=300, warmup=20, weight_decay=0.0, clip=1.0,
-                    lora_rank=8, lora_alpha=16.0, eval_every=50)
-    return {**paths, "settings": settings}
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="run.py --stage sft", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,16 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_settings(args) -> dict:
-    """Command line > embedded-default settings (no --data/--base) > stage defaults > common defaults."""
+    """Command line > stage defaults > common defaults."""
     s = {**COMMON_DEFAULTS, **STAGE_DEFAULTS[args.sft_stage], "steps": None, "eval_every": 100}
-    if args.data is None and args.base is None:
-        d = default_paths()
-        s.update(d["settings"])
-        args.data, args.base = d["data"], d["base"]
-        args.tokenizer = args.tokenizer or d["tokenizer"]
-        args.eval_data = args.eval_data or d["eval_data"]
-    elif args.data is None or args.base is None:
-        raise SystemExit("sft: give both --data and --base (or neither, for the embedded default)")
+    if args.data is None or args.base is None:
+        raise SystemExit("sft: give both --data and --base (or neither, through run.py, for the embedded default)")
     for key in ("lr", "batch", "grad_accum", "max_len", "steps", "warmup", "weight_decay", "clip", "lora_rank",
                 "lora_alpha", "eval_every"):
         if getattr(args, key) is not None:

@@ -1,0 +1,135 @@
+"""The embedded default: `python run.py --stage sft|grpo` with no model or data arguments, on a plain CPU.
+
+It runs the recipe end to end on the bundled tiny Gemma-2-architecture model (bundled/base, built by
+runs/tiny.sh) and the bundled task data (data/tiny_tasks.py), with settings sized for two CPU cores, and shows
+that it learned: a before/after table on the held-out split (strict-format rate, math accuracy, mean probability
+reward, mean completion length), greedy decoding as in the recipe's evaluation.
+
+    sft  : bundled base -> LoRA SFT on bundled/data/sft_train.csv -> runs/sft-default/
+    grpo : SFT adapters (runs/sft-default/adapters if present, else bundled/sft_adapters) -> LoRA GRPO on
+           bundled/data/rl_train.csv -> runs/grpo-default/
+
+Each run folder gets metrics.jsonl, adapters/, resolved_config.json, samples.txt (held-out completions after
+training), summary.json (the table) and, when matplotlib is installed (optional, never required), curves.png.
+Extra command-line options are passed through to the stage (e.g. --steps 20 --seed 1 --out runs/try).
+"""
+
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED = os.path.join(ROOT, "bundled")
+PATHS = {
+    "base": os.path.join(BUNDLED, "base"),
+    "tokenizer": os.path.join(BUNDLED, "tokenizer.model"),
+    "sft_train": os.path.join(BUNDLED, "data", "sft_train.csv"),
+    "sft_eval": os.path.join(BUNDLED, "data", "sft_eval.csv"),
+    "rl_train": os.path.join(BUNDLED, "data", "rl_train.csv"),
+    "rl_eval": os.path.join(BUNDLED, "data", "rl_eval.csv"),
+    "sft_adapters": os.path.join(BUNDLED, "sft_adapters"),
+}
+SFT_OUT, GRPO_OUT = os.path.join("runs", "sft-default"), os.path.join("runs", "grpo-default")
+
+# Sized for the tiny model on 2 CPU cores (the recipe's Gemma-2-2B values are the CLIs' own defaults).
+SFT_ARGS = ["--lr", "3e-3", "--max-len", "256", "--batch", "8", "--grad-accum", "1", "--steps", "300",
+            "--warmup", "20", "--weight-decay", "0", "--clip", "1.0", "--lora-rank", "8", "--lora-alpha", "16",
+            "--eval-every", "100"]
+GRPO_ARGS = ["--steps", "60", "--prompts-per-step", "8", "--group-size", "8", "--micro-batch", "32",
+             "--max-prompt-tokens", "192", "--max-new-tokens", "64", "--temperature", "1.0", "--top-k", "0",
+             "--lr", "2e-3", "--beta", "0.04", "--clip", "1.0", "--weight-decay", "0", "--eval-every", "20",
+             "--eval-limit", "300", "--save-every", "20", "--sample-every", "20"]
+EVAL_KEYS = ("strict_format_rate", "math_accuracy", "prob_reward_mean", "completion_len_mean")
+
+
+def check_bundled():
+    missing = [p for k, p in PATHS.items() if k != "sft_adapters" and not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"the embedded default needs the bundled files; missing: {missing}. "
+                                "Rebuild them with `bash runs/tiny.sh`, or pass --base/--data explicitly.")
+
+
+def _option(argv, name, default):
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
+def heldout_eval(adapters, *, max_new_tokens=64, limit=None, samples_path=None):
+    """Greedy metrics of the bundled base (+ adapters, if given) on the held-out RL split."""
+    from grpo.cli import load_model_and_tokenizer
+    from grpo.evaluate import evaluate, load_rl_records
+
+    cfg, params, lora, tok = load_model_and_tokenizer(PATHS["base"], PATHS["tokenizer"], adapters)
+    records = load_rl_records(PATHS["rl_eval"], tok, limit=limit)
+    return evaluate(params, cfg, lora, records, tok, max_prompt_tokens=192, max_new_tokens=max_new_tokens,
+                    batch_size=64, samples_path=samples_path)
+
+
+def print_table(title, before, after, print_fn=print):
+    print_fn(f"\n{title}: held-out split ({after.get('num_records', '?')} records, greedy decoding)")
+    print_fn(f"{'metric':<22}{'before':>10}{'after':>10}{'change':>10}")
+    for k in EVAL_KEYS:
+        b, a = before[k], after[k]
+        print_fn(f"{k:<22}{b:>10.3f}{a:>10.3f}{a - b:>+10.3f}")
+
+
+def plot_curves(out_dir):
+    """curves.png of the training reward and held-out accuracy, when matplotlib is installed (optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from sft.metrics import read_metrics
+
+    train, evals = read_metrics(out_dir, "train"), read_metrics(out_dir, "eval")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    key = "reward/mean" if train and "reward/mean" in train[0] else "loss"
+    axes[0].plot([r["step"] for r in train], [r.get(key) for r in train])
+    axes[0].set(title=f"training {key}", xlabel="step")
+    for k in ("math_accuracy", "strict_format_rate"):
+        axes[1].plot([r["step"] for r in evals], [r.get(k) for r in evals], marker="o", label=k)
+    axes[1].set(title="held-out (greedy)", xlabel="step", ylim=(0, 1.02))
+    axes[1].legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(stage: str, argv: list) -> int:
+    check_bundled()
+    if stage == "sft":
+        from sft.cli import main as stage_main
+
+        out = _option(argv, "--out", SFT_OUT)
+        start = None
+        args = ["--base", PATHS["base"], "--tokenizer", PATHS["tokenizer"], "--data", PATHS["sft_train"],
+                "--eval-data", PATHS["sft_eval"], "--out", out, *SFT_ARGS]
+    else:
+        from grpo.cli import main as stage_main
+
+        out = _option(argv, "--out", GRPO_OUT)
+        start = os.path.join(SFT_OUT, "adapters")
+        start = _option(argv, "--sft-adapters", start if os.path.exists(start) else PATHS["sft_adapters"])
+        if not os.path.exists(start):
+            raise FileNotFoundError(f"no SFT adapters at {start}: run `python run.py --stage sft` first")
+        args = ["--base", PATHS["base"], "--tokenizer", PATHS["tokenizer"], "--data", PATHS["rl_train"],
+                "--eval-data", PATHS["rl_eval"], "--sft-adapters", start, "--out", out, *GRPO_ARGS]
+    passthrough = [a for i, a in enumerate(argv) if a not in ("--out", "--sft-adapters")
+                   and (i == 0 or argv[i - 1] not in ("--out", "--sft-adapters"))]
+    args += passthrough  # later options win in argparse
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "resolved_config.json"), "w") as f:
+        json.dump({"stage": stage, "argv": args}, f, indent=1)
+    print(f"embedded default ({stage}): python run.py --stage {stage} " + " ".join(args))
+    before = heldout_eval(start)
+    rc = stage_main(args)
+    after = heldout_eval(os.path.join(out, "adapters"), samples_path=os.path.join(out, "samples.txt"))
+    print_table(f"{stage.upper()} (start: {start or 'base model'})", before, after)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({"before": before, "after": after, "start": start}, f, indent=1)
+    png = plot_curves(out)
+    print(f"outputs: {out}/ (metrics.jsonl, adapters/, samples.txt, summary.json{', curves.png' if png else ''})")
+    return rc
