@@ -16,9 +16,10 @@ Sources (REFERENCE §7):
 - "rlpr": openbmb/RLPR-Train-Dataset (verl parquet) `data_source, prompt [{role, content}], ability,
   reward_model {ground_truth, style}, extra_info`. The question is the last user turn (its own system turn asks
   for <think> tags, so it is replaced by ours); y* is reward_model.ground_truth; reward "prob", domain "general".
-- "recipe_csv": `question, answer` + optional `answer_canon, domain, reward_model_type, answer_type`; domain
+- "recipe_csv": `question, answer` + optional `answer_canon, domain, reward_model_type, answer_type, system`; domain
   defaults to `default_domain`, reward_model_type to "math" for the math domain and "prob" otherwise.
-Every record gets the system prompt of its domain (MATH_SYSTEM_PROMPT for math, DEFAULT_SYSTEM_PROMPT otherwise);
+Every record gets the system prompt of its domain (MATH_SYSTEM_PROMPT for math, DEFAULT_SYSTEM_PROMPT otherwise),
+unless a recipe CSV row gives its own in a `system` column;
 the prompt budget counts system + question tokens as the chat template joins them.
 """
 
@@ -45,7 +46,8 @@ SOURCES = {"open_rs": "knoveleng/open-rs", "litbench": "SAA-Lab/LitBench-Train",
 COLUMNS = {"open_rs": (["problem", "answer", "level"], ()),
            "litbench": (["prompt", "chosen_story", "chosen_upvotes"], ()),
            "rlpr": (["prompt", "reward_model"], ("data_source", "ability")),
-           "recipe_csv": (["question", "answer"], ("answer_canon", "domain", "reward_model_type", "answer_type"))}
+           "recipe_csv": (["question", "answer"], ("answer_canon", "domain", "reward_model_type", "answer_type",
+                                                   "system"))}
 DROP_REASONS = ("bad_json", "bad_csv_row", "missing_column", "null", "wrong_type", "bad_conversation",
                 "empty_question", "empty_answer", "bad_value", "bad_level", "answer_interval", "answer_multiple",
                 "answer_expression", "answer_text", "too_long_prompt", "too_long_answer", "duplicate",
@@ -159,8 +161,12 @@ def convert_recipe_csv(row: dict, default_domain: str = "general") -> dict:
     if rm_type.strip().lower() not in ("math", "prob"):
         raise Drop("bad_value", f"reward_model_type {rm_type!r}, expected 'math' or 'prob'")
     canon, a_type = get_str(row, "answer_canon", required=False), get_str(row, "answer_type", required=False)
-    return _record(question, answer, domain, rm_type.strip().lower(), SOURCES["recipe_csv"],
-                   answer_canon=canon and canon.strip(), answer_type=a_type and a_type.strip())
+    record = _record(question, answer, domain, rm_type.strip().lower(), SOURCES["recipe_csv"],
+                     answer_canon=canon and canon.strip(), answer_type=a_type and a_type.strip())
+    system = get_str(row, "system", required=False)
+    if system and system.strip():  # an explicit system prompt wins over the domain's default one
+        record["system"] = system.strip()
+    return record
 
 
 CONVERTERS = {"open_rs": convert_open_rs, "litbench": convert_litbench, "rlpr": convert_rlpr,

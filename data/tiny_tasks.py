@@ -18,12 +18,14 @@ import csv
 import os
 import random
 
-from data.rl import system_prompt_for
 from rewards.tags import render_completion
 
 NAMES = ["Tom", "Ana", "Ben", "Mia", "Sam", "Eva", "Leo", "Zoe", "Max", "Ivy"]
 ITEMS = ["apple", "book", "coin", "pen", "card", "shell", "stone", "cup", "egg", "key"]
 WORDS = ["red", "blue", "green", "cat", "dog", "fox", "sun", "moon", "tree", "fish", "bird", "star", "rock", "lake"]
+# Short domain system prompts (the recipe's are ~100 tokens for this tokenizer: three times the question). SFT and
+# RL rows carry the same one, so the model sees at RL time exactly the prompt format it was fine-tuned on.
+SYSTEM = {"math": "Solve it step by step, then give the number.", "general": "Think step by step, then answer."}
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
 
@@ -133,13 +135,14 @@ def write_all(out_dir, *, seed=0, n_sft=2000, n_rl=1000, n_eval=200, n_corpus=20
             w.writerow(["user", "assistant", "domain", "system"])
             for it in items:
                 w.writerow([it["question"], render_completion(it["reasoning"], it["answer"]), it["domain"],
-                            system_prompt_for(it["domain"])])
+                            SYSTEM[it["domain"]]])
     for name, items in [("rl_train", splits["rl"]), ("rl_eval", splits["eval"])]:
         with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["question", "answer", "domain", "reward_model_type"])
+            w.writerow(["question", "answer", "domain", "reward_model_type", "system"])
             for it in items:
-                w.writerow([it["question"], it["answer"], it["domain"], "math" if it["domain"] == "math" else "prob"])
+                w.writerow([it["question"], it["answer"], it["domain"], "math" if it["domain"] == "math" else "prob",
+                            SYSTEM[it["domain"]]])
     return {k: len(v) for k, v in splits.items()} | {"corpus": len(corpus_items)}
 
 

@@ -4,9 +4,11 @@
         [--steps 100] [--group-size 4] [--beta 0.08] [--kl k3] [--loss-agg sequence-mean-token-mean] ...
 
 Defaults are the recipe's (REFERENCE.md §5): G 4, beta 0.08, epsilon 0.2, temperature 0.6, top_k 50, top_p 1.0,
-256 prompt + 768 generated tokens, lr 1e-6, grad clip 0.1, AdamW; LoRA rank 32 / alpha 64 unless the SFT
-adapters are given (they are then trained further). Outputs under --out: metrics.jsonl, checkpoints/, and the
-final adapters in adapters/ (lora/io.py). Rerunning the same command continues from the newest checkpoint.
+256 prompt + 768 generated tokens, lr 1e-6, grad clip 0.1, AdamW; LoRA rank 32 / alpha 64. SFT adapters, when
+given, are merged into the frozen weights first: the SFT model is both the starting policy and the KL reference,
+and the saved adapters are SFT + GRPO with their ranks concatenated (they load onto the plain base).
+Outputs under --out: metrics.jsonl, checkpoints/, and the final adapters in adapters/ (lora/io.py).
+Rerunning the same command continues from the newest checkpoint.
 With neither --base nor --data, run.py runs the embedded default instead (grpo/embedded.py).
 """
 
@@ -107,14 +109,20 @@ def main(argv=None) -> int:
                          "embedded default)")
     from grpo.evaluate import load_rl_records
     from grpo.learner import train
-    from lora.adapters import init_lora
+    from lora.adapters import DEFAULT_TARGETS, concat_lora, init_lora, merge
     from lora.io import save_adapters
     from rewards.router import RewardConfig, compute_rewards
 
     hp = hparams_from_args(args)
-    cfg, params, lora, tokenizer = load_model_and_tokenizer(args.base, args.tokenizer, args.sft_adapters, args.dtype)
-    if lora is None:
-        lora = init_lora(cfg, args.lora_rank, args.lora_alpha, seed=args.seed)
+    cfg, params, sft_lora, tokenizer = load_model_and_tokenizer(args.base, args.tokenizer, args.sft_adapters,
+                                                                args.dtype)
+    if sft_lora is not None:
+        # The SFT result is the policy GRPO starts from AND its reference: fold the SFT adapters into the frozen
+        # weights (one merged copy replaces the base, no second copy), then train fresh adapters on top, so
+        # lora=None is the SFT model and the KL term keeps the policy near it (as TRL's ref = initial policy).
+        params = merge(params, sft_lora)
+    targets = tuple(sft_lora.layers) if sft_lora is not None else DEFAULT_TARGETS
+    lora = init_lora(cfg, args.lora_rank, args.lora_alpha, targets=targets, seed=args.seed)
     records = load_rl_records(args.data, tokenizer, kind=args.data_kind, prompt_budget=None)
     eval_records = None
     if args.eval_data:
@@ -130,6 +138,10 @@ def main(argv=None) -> int:
                        reward_cfg=RewardConfig(prob_weight=args.prob_weight), eval_records=eval_records,
                        eval_every=args.eval_every, save_every=args.save_every, sample_every=args.sample_every,
                        seed=args.seed, mesh=mesh)
-    save_adapters(os.path.join(args.out, "adapters"), lora, cfg, extra={"stage": "grpo", "steps": args.steps})
+    extra = {"stage": "grpo", "steps": args.steps}
+    if sft_lora is not None:  # saved adapters = SFT + GRPO (ranks concatenated): they load onto the plain base
+        lora = concat_lora(sft_lora, lora)
+        extra.update(sft_adapters=os.path.abspath(args.sft_adapters), composition="sft ranks then grpo ranks")
+    save_adapters(os.path.join(args.out, "adapters"), lora, cfg, extra=extra)
     print(f"saved adapters to {os.path.join(args.out, 'adapters')}")
     return 0

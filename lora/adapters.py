@@ -68,6 +68,22 @@ def count_trainable(lora: LoRA) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(lora)))
 
 
+def concat_lora(first: LoRA, second: LoRA) -> LoRA:
+    """One adapter set equal to applying `first` and `second` together: ranks concatenated.
+
+    x [A1 A2] [[B1], [B2 * s2/s1]] * s1 = x A1 B1 s1 + x A2 B2 s2, exactly (B2 rescaled so one scale serves both).
+    Used after GRPO on top of merged SFT adapters, so the saved result loads onto the plain base model."""
+    if set(first.layers) != set(second.layers):
+        raise ValueError(f"concat_lora: target sets differ: {sorted(first.layers)} vs {sorted(second.layers)}")
+    ratio = second.scale / first.scale
+    layers = {}
+    for name, ab in first.layers.items():
+        a2, b2 = second.layers[name]["a"], second.layers[name]["b"]
+        layers[name] = {"a": jnp.concatenate([ab["a"], a2.astype(ab["a"].dtype)], axis=-1),
+                        "b": jnp.concatenate([ab["b"], (b2 * ratio).astype(ab["b"].dtype)], axis=1)}
+    return LoRA(layers=layers, scale=first.scale)
+
+
 # How each adapter's A @ B product maps onto the base weight it adapts (per layer, no L axis).
 _MERGE = {
     "q": ("DR,RNH->DNH", "q"),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gemma_jax.config import TINY, config_to_hf
-from gemma_jax.model import ParamSpec, forward, param_specs
+from gemma_jax.model import ParamSpec, forward, init_params, param_specs
 from lora import DEFAULT_TARGETS, LoRA, count_trainable, init_lora, lora_shapes, merge
 from lora.export import export_merged_hf, export_peft
 from lora.io import load_adapters, read_adapter_meta, save_adapters
@@ -227,3 +227,28 @@ def test_merged_hf_export_loads_in_transformers(hf_base, tmp_path):
     export_merged_hf(tmp_path, CFG, params, lora)
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
     assert _max_diff(_hf_logits(model, tokens), fwd(params, tokens, lora)) <= 2e-5  # measured ~5e-6
+
+
+def test_concat_lora_equals_merging_the_first_then_applying_the_second():
+    """GRPO on top of SFT: merge(base, sft) + grpo adapters must equal base + concat(sft, grpo), with different
+    ranks and scales on the two sides."""
+    from lora.adapters import concat_lora
+
+    cfg = TINY
+    params = init_params(cfg, 0)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(4, cfg.vocab_size, (2, 12)))
+
+    def randomised(lora, seed):
+        keys = iter(jax.random.split(jax.random.key(seed), 2 * len(lora.layers)))
+        layers = {n: {"a": ab["a"], "b": 0.05 * jax.random.normal(next(keys), ab["b"].shape)}
+                  for n, ab in lora.layers.items()}
+        return type(lora)(layers=layers, scale=lora.scale)
+
+    first = randomised(init_lora(cfg, 4, 8.0, seed=1), 2)
+    second = randomised(init_lora(cfg, 2, 6.0, seed=3), 4)
+    stacked = forward(merge(params, first), tokens, cfg, lora=second)[0]
+    combined = concat_lora(first, second)
+    assert combined.layers["q"]["a"].shape[-1] == 6
+    together = forward(params, tokens, cfg, lora=combined)[0]
+    assert np.abs(np.asarray(stacked) - np.asarray(together)).max() <= 1e-5
+    assert np.abs(np.asarray(stacked) - np.asarray(forward(params, tokens, cfg)[0])).max() > 1e-2
