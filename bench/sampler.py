@@ -23,31 +23,13 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.p
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from tunix_utils import IdTokenizer  # noqa: E402
 
 import gemma_jax as g  # noqa: E402
 from gemma_jax.model import count_params, init_params  # noqa: E402
 from gemma_jax.sampler import generate  # noqa: E402
 
 NEVER = 10**9  # a stop id no model can emit: every row runs to N tokens
-
-
-class IdTokenizer:
-    """What Tunix's Sampler needs from a tokenizer: text is whitespace-separated ids, so it sees our exact ids."""
-
-    def encode(self, text):
-        return [int(t) for t in text.split()]
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
-
-    def bos_id(self):
-        return 2
-
-    def eos_id(self):
-        return 1
-
-    def pad_id(self):
-        return 0
 
 
 def best_of(fns, repeats):

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weight-decay", type=float)
     ap.add_argument("--clip", type=float)
     ap.add_argument("--pack", action="store_true", help="pack several short examples per row")
+    ap.add_argument("--cot-mix", default=None, help="long:short chain-of-thought ratio, e.g. 1:4 (stage 1 default); "
+                    "'none' keeps every record")
+    ap.add_argument("--long-threshold", type=int, default=512, help="reasoning tokens above which a trace is long")
     ap.add_argument("--mesh", help="device mesh, e.g. fsdp=4,tp=2 (default: one device)")
     ap.add_argument("--out", default="runs/sft")
     ap.add_argument("--resume", choices=("auto", "no"), default="auto", help="continue from {out}/checkpoints")
@@ -136,6 +139,23 @@ def main(argv=None) -> int:
         from data.mix import train_eval_split
 
         records, eval_records = train_eval_split(records, args.eval_fraction, seed=args.seed)
+    cot_mix = args.cot_mix or ("1:4" if args.sft_stage == 1 else "none")
+    if cot_mix != "none":
+        from data.mix import mix_long_short
+
+        try:
+            ratio = tuple(int(x) for x in cot_mix.split(":"))
+        except ValueError:
+            raise SystemExit(f"--cot-mix {cot_mix!r}: expected LONG:SHORT such as 1:4, or none") from None
+        n = len(records)
+        mixed = mix_long_short(records, count_tokens=lambda t: len(tokenizer.encode(t)), ratio=ratio,
+                               long_threshold=args.long_threshold, seed=args.seed)
+        if mixed:
+            records = mixed
+            print(f"long:short {cot_mix} mix (long = reasoning > {args.long_threshold} tokens): {len(records)} of {n}")
+        else:  # e.g. a data set with no long traces at all: say so rather than train on nothing
+            print(f"long:short {cot_mix} mix: no long traces (> {args.long_threshold} tokens) in the data; "
+                  f"keeping all {n} records")
     if s["max_completion"] is not None:
         from data.mix import stage2_filter
 

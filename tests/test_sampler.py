@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tunix_utils import to_tunix
+from tunix_utils import IdTokenizer, to_tunix
 
 import gemma_jax as g
 from gemma_jax.model import forward, init_params
@@ -63,26 +63,6 @@ def _teacher_forced(params, cfg, prompts, completions):
 def _log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-class IdTokenizer:
-    """The minimal tokenizer Tunix's Sampler accepts: text is whitespace-separated token ids (so we feed it the
-    exact ids we feed ours). bos_id 2 is prepended by Tunix and de-duplicated with the prompt's own <bos>."""
-
-    def encode(self, text):
-        return [int(t) for t in text.split()]
-
-    def decode(self, ids):
-        return " ".join(str(int(i)) for i in ids)
-
-    def bos_id(self):
-        return 2
-
-    def eos_id(self):
-        return 1
-
-    def pad_id(self):
-        return 0
 
 
 def test_greedy_matches_tunix_sampler():

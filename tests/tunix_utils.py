@@ -67,3 +67,23 @@ def tunix_logits(model, tokens_BT, pad_mask_BT=None):
     attn_mask = common.make_causal_attn_mask(pad_mask_BT)
     logits, _ = model(tokens_BT, positions, None, attn_mask)
     return np.asarray(logits)
+
+
+class IdTokenizer:
+    """The minimal tokenizer Tunix's Sampler accepts: text is whitespace-separated token ids (so we feed it the
+    exact ids we feed ours). bos_id 2 is prepended by Tunix and de-duplicated with the prompt's own <bos>."""
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids)
+
+    def bos_id(self):
+        return 2
+
+    def eos_id(self):
+        return 1
+
+    def pad_id(self):
+        return 0
