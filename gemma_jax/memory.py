@@ -35,7 +35,7 @@ import types
 import numpy as np
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import LORA_EINSUMS, param_specs
+from gemma_jax.model import lora_weight_shapes, param_specs
 from gemma_jax.sharding import CACHE_AXES, LORA_AXES, MESH_AXES, logical_to_spec
 
 # How many tensors of each kind the backward pass keeps, read off XLA's buffer assignment of a float32 LoRA step
@@ -65,19 +65,9 @@ def shard_bytes(shape, axes, dtype, mesh_shape: dict) -> int:
 
 
 def lora_param_shapes(cfg: GemmaConfig, rank: int, targets) -> dict:
-    """name -> (A shape, B shape) with the leading L axis, read off the einsums in gemma_jax.model."""
-    sizes = {"D": cfg.embed_dim, "F": cfg.hidden_dim, "N": cfg.num_heads, "K": cfg.num_kv_heads,
-             "H": cfg.head_dim, "R": rank, "C": 2}
-    out = {}
-    for name in targets:
-        if name not in LORA_EINSUMS:
-            raise ValueError(f"unknown LoRA target {name!r}; choose from {sorted(LORA_EINSUMS)}")
-        to_rank, from_rank = LORA_EINSUMS[name]
-        a_letters = to_rank.split(",")[1].split("->")[0]
-        b_letters = from_rank.split(",")[1].split("->")[0]
-        out[name] = ((cfg.num_layers, *(sizes[c] for c in a_letters)),
-                     (cfg.num_layers, *(sizes[c] for c in b_letters)))
-    return out
+    """name -> (A shape, B shape) with the leading L axis (gemma_jax.model.lora_weight_shapes)."""
+    L = cfg.num_layers
+    return {n: ((L, *a), (L, *b)) for n, (a, b) in lora_weight_shapes(cfg, rank, targets).items()}
 
 
 def _split(n: int, parts: int) -> int:

@@ -149,6 +149,20 @@ LORA_EINSUMS = {
 }
 
 
+def lora_weight_shapes(cfg: GemmaConfig, rank: int, targets) -> dict:
+    """name -> (A shape, B shape) per layer (no L axis), read off LORA_EINSUMS so the two never disagree."""
+    sizes = {"D": cfg.embed_dim, "F": cfg.hidden_dim, "N": cfg.num_heads, "K": cfg.num_kv_heads,
+             "H": cfg.head_dim, "R": rank, "C": 2}
+    out = {}
+    for name in targets:
+        if name not in LORA_EINSUMS:
+            raise ValueError(f"unknown LoRA target {name!r}; choose from {sorted(LORA_EINSUMS)}")
+        to_rank, from_rank = LORA_EINSUMS[name]
+        a_letters, b_letters = (eq.split(",")[1].split("->")[0] for eq in (to_rank, from_rank))
+        out[name] = (tuple(sizes[c] for c in a_letters), tuple(sizes[c] for c in b_letters))
+    return out
+
+
 def lora_delta(name, x, lora_layer, scale):
     """(x A B) * scale for the adapter `name` of one layer, or None when that projection has no adapter."""
     if lora_layer is None or name not in lora_layer:

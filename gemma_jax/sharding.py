@@ -197,6 +197,16 @@ def optimizer_shardings(param_shardings_tree, mesh: Mesh) -> dict:
     return {"count": replicated(mesh), "mu": param_shardings_tree, "nu": param_shardings_tree}
 
 
+def place_train_state(cfg: GemmaConfig, params, lora, opt_state, mesh: Mesh | None):
+    """device_put frozen params, LoRA adapters and their AdamW state on `mesh` with the declared shardings
+    (one process; with several, see `shard`). mesh None: returned as they are."""
+    if mesh is None:
+        return params, lora, opt_state
+    lora_sh = lora_shardings(lora, mesh)
+    return (jax.device_put(params, param_shardings(cfg, mesh)), jax.device_put(lora, lora_sh),
+            jax.device_put(opt_state, optimizer_shardings(lora_sh, mesh)))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batch arrays ([B, ...]): rows split over data x fsdp, everything else replicated. B must be divisible by
     mesh.shape['data'] * mesh.shape['fsdp']."""

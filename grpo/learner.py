@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_jax.sharding import place_train_state
 from grpo.loss import grpo_loss, policy_logprobs
 from grpo.rollout import rollout as do_rollout
 from lora.adapters import LoRA
@@ -182,17 +183,6 @@ def _print_samples(print_fn, records, texts, rewards, G, n=2):
         print_fn(f"    reward {float(rewards[i * G]):.3f}; completion: {texts[i * G][:400]!r}")
 
 
-def _shard(cfg, params, lora, opt, mesh):
-    if mesh is None:
-        return params, lora, opt
-    from gemma_jax.sharding import lora_shardings, param_shardings, replicated
-
-    lsh = lora_shardings(lora, mesh)
-    put = jax.device_put
-    return put(params, param_shardings(cfg, mesh)), put(lora, lsh), put(opt, {"count": replicated(mesh), "mu": lsh,
-                                                                            "nu": lsh})
-
-
 def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, *, reward_fn, reward_cfg=None,
           eval_records=None, eval_every: int = 0, save_every: int = 10, sample_every: int = 10, seed: int = 0,
           mesh=None, stop_at_step: int | None = None, print_fn=print):
@@ -215,7 +205,7 @@ def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, 
         lora, opt = _from_state_tree(tree, lora.scale)
         prob_state = _prob_state_from_json(meta.get("prob_state"))
         print_fn(f"resumed from {out_dir}/checkpoints step {step}")
-    params, lora, opt = _shard(cfg, params, lora, opt, mesh)
+    params, lora, opt = place_train_state(cfg, params, lora, opt, mesh)
     n_steps = hp.total_steps // hp.num_iterations
     end = n_steps if stop_at_step is None else min(stop_at_step, n_steps)
     last = {}

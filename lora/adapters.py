@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import LORA_EINSUMS
+from gemma_jax.model import LORA_EINSUMS, lora_weight_shapes
 
 # The projections the Tunix Gemma examples adapt: q_einsum, kv_einsum, gate_proj, up_proj, down_proj.
 DEFAULT_TARGETS = ("q", "kv", "gate", "up", "down")
@@ -30,23 +30,9 @@ class LoRA:
 
 def lora_shapes(cfg: GemmaConfig, rank: int, targets=DEFAULT_TARGETS) -> dict:
     """name -> (A shape, B shape), without the leading L axis."""
-    D, F, N, K, H, R = cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rank
-    table = {
-        "q": ((D, R), (R, N, H)),
-        "k": ((D, R), (R, K, H)),
-        "v": ((D, R), (R, K, H)),
-        "kv": ((D, R), (R, 2, K, H)),
-        "o": ((N, H, R), (R, D)),
-        "gate": ((D, R), (R, F)),
-        "up": ((D, R), (R, F)),
-        "down": ((F, R), (R, D)),
-    }
-    unknown = [t for t in targets if t not in table]
-    if unknown:
-        raise ValueError(f"unknown LoRA target(s) {unknown}; choose from {sorted(table)}")
     if "kv" in targets and ("k" in targets or "v" in targets):
         raise ValueError("LoRA targets: use either the fused 'kv' adapter or separate 'k'/'v', not both")
-    return {t: table[t] for t in targets}
+    return lora_weight_shapes(cfg, rank, targets)
 
 
 def init_lora(cfg: GemmaConfig, rank: int, alpha: float, targets=DEFAULT_TARGETS, seed: int = 0,

@@ -18,6 +18,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from gemma_jax.sharding import place_train_state
 from sft.loss import nll_sum
 from sft.metrics import MetricsLogger
 from sft.optim import adamw_init, adamw_update, clip_by_global_norm, lr_schedule
@@ -109,16 +110,6 @@ def _micro_sharding(mesh):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh).spec))
 
 
-def _shard_state(cfg, params, lora, opt_state, mesh):
-    if mesh is None:
-        return params, lora, opt_state
-    from gemma_jax.sharding import lora_shardings, param_shardings, replicated
-
-    lora_sh = lora_shardings(lora, mesh)
-    opt_sh = {"count": replicated(mesh), "mu": lora_sh, "nu": lora_sh}
-    return _place(params, param_shardings(cfg, mesh)), _place(lora, lora_sh), _place(opt_state, opt_sh)
-
-
 def train_loop(cfg, base_params, lora, data, hp: HParams, out_dir: str, *, grad_accum: int = 1, eval_data=None,
                eval_every: int = 0, eval_batches: int | None = None, save_every: int = 100, resume: bool = True,
                seed: int = 0, mesh=None, stop_at_step: int | None = None, print_fn=print):
@@ -129,7 +120,7 @@ def train_loop(cfg, base_params, lora, data, hp: HParams, out_dir: str, *, grad_
     from gemma_jax.train_state import CheckpointManager, make_meta
 
     lora = jax.tree.map(jnp.copy, lora)  # the loop donates its adapters: leave the caller's arrays alive
-    base_params, lora, opt_state = _shard_state(cfg, base_params, lora, adamw_init(lora), mesh)
+    base_params, lora, opt_state = place_train_state(cfg, base_params, lora, adamw_init(lora), mesh)
     state = {"lora": lora, "opt": opt_state, "step": 0, "data_pos": 0, "rng": jax.random.key(seed)}
     ckpt = CheckpointManager(os.path.join(out_dir, "checkpoints"))
     if resume:
