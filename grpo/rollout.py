@@ -130,6 +130,22 @@ def _reward_metrics(rewards, components, records_rep, group_size) -> dict:
     return m
 
 
+def trim_padding(ro: dict, lengths, multiple: int = 16) -> dict:
+    """Drop the columns that are padding in every row: the prompts' common left padding (the sampler pads them to
+    a length bucket) and the completions' common right padding (rows that stop early). Widths are rounded up to
+    a multiple of `multiple`, so only a few shapes (compiles) occur. Exact: positions count real tokens only, so
+    the reference and policy log-probs of the kept columns do not change; it only removes work."""
+    P, C = ro["prompt"].shape[1], ro["completion"].shape[1]
+    keep_p = min(P, -(-int(ro["prompt_mask"].sum(1).max()) // multiple) * multiple)
+    keep_c = min(C, max(multiple, -(-int(np.max(lengths)) // multiple) * multiple))
+    out = dict(ro)
+    for k in ("prompt", "prompt_mask"):
+        out[k] = ro[k][:, P - keep_p:]
+    for k in ("completion", "completion_mask"):
+        out[k] = ro[k][:, :keep_c]
+    return out
+
+
 def rollout(params, cfg, lora, records, tokenizer, *, hp, reward_fn, reward_cfg=None, prob_state=None,
             seed: int = 0, score_micro_batch: int = 16):
     """Sample G completions for each record, score them and compute advantages.
@@ -164,6 +180,7 @@ def rollout(params, cfg, lora, records, tokenizer, *, hp, reward_fn, reward_cfg=
         mask = mask * out.stopped[:, None]
     ro = {"prompt": out.prompt_tokens, "prompt_mask": out.prompt_mask, "completion": out.tokens,
           "completion_mask": mask, "advantages": advantages, "rewards": rewards.astype(np.float32)}
+    ro = trim_padding(ro, out.lengths)
     t2 = time.perf_counter()
     if hp.beta:
         ro["ref_logp"] = rollout_logprobs(params, cfg, None, ro, temperature=hp.temperature,

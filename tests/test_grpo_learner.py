@@ -129,3 +129,33 @@ def test_sigkill_and_resume_matches_uninterrupted(setup, tokenizer, tmp_path):
     resumed, _, _ = run_toy(str(killed), tokenizer.path, steps=4)
     for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_trim_padding_is_exact(setup, tokenizer):
+    """Dropping the all-padding columns changes no log-prob of a real token, and drops only padding."""
+    params, target = setup
+    hp = dataclasses.replace(HP, max_prompt_tokens=64, max_new_tokens=24)  # prompts padded to 64, ~20 real
+    lora = init_lora(TINY, rank=4, alpha=8.0, seed=1)
+    lora = dataclasses.replace(lora, layers=jax.tree.map(lambda x: x + 0.01, lora.layers))
+    ro, _, _, _ = rollout(params, TINY, lora, RECORDS[:2], tokenizer, hp=hp, reward_fn=make_toy_reward(target),
+                          seed=5)
+    from grpo.rollout import rollout_logprobs, trim_padding
+
+    P, C = ro["prompt"].shape[1], ro["completion"].shape[1]
+    assert P % 16 == 0 and P < 64 and (C % 16 == 0 or C == 24)  # trimmed inside rollout
+    # Re-pad by hand to the untrimmed widths, then compare log-probs of the real completion tokens.
+    pad_p, pad_c = 64 - P, 24 - C if C < 24 else 0
+    full = dict(ro)
+    full["prompt"] = np.pad(ro["prompt"], ((0, 0), (pad_p, 0)))
+    full["prompt_mask"] = np.pad(ro["prompt_mask"], ((0, 0), (pad_p, 0)))
+    full["completion"] = np.pad(ro["completion"], ((0, 0), (0, pad_c)))
+    full["completion_mask"] = np.pad(ro["completion_mask"], ((0, 0), (0, pad_c)))
+    lengths = ro["completion_mask"].sum(1).astype(int)
+    again = trim_padding(full, lengths)
+    for k in ("prompt", "prompt_mask", "completion", "completion_mask"):
+        np.testing.assert_array_equal(again[k], ro[k], err_msg=k)
+    m = ro["completion_mask"]
+    for lo in (None, lora):
+        a = rollout_logprobs(params, TINY, lo, ro, temperature=1.0, micro_batch=16)
+        b = rollout_logprobs(params, TINY, lo, full, temperature=1.0, micro_batch=16)[:, :C]
+        np.testing.assert_allclose(a * m, b * m, atol=2e-6)
