@@ -39,13 +39,13 @@ def _math_item(rng):
         c = rng.randint(1, a + b - 1)
         q = f"{name} has {a} {item}s. {name} gets {b} more and then gives away {c}. How many {item}s are left?"
         r = f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}."
-        return q, r, str(a + b - c)
+        return q, r, f"{a} + {b} - {c} = {a + b - c}.", str(a + b - c)
     if kind == 1:
         a, b = rng.randint(2, 5), rng.randint(2, 5)
         c = rng.randint(1, a * b - 1)
         q = f"There are {a} boxes with {b} {item}s in each box. {c} {item}s are lost. How many {item}s are left?"
         r = f"{a} * {b} = {a * b}. {a * b} - {c} = {a * b - c}."
-        return q, r, str(a * b - c)
+        return q, r, f"{a} * {b} - {c} = {a * b - c}.", str(a * b - c)
     if kind == 2:
         b, each = rng.randint(2, 5), rng.randint(2, 5)
         c = rng.randint(1, 9)
@@ -53,12 +53,12 @@ def _math_item(rng):
         q = f"{name} shares {a} {item}s equally among {b} friends. Each friend then finds {c} more. " \
             f"How many {item}s does each friend have?"
         r = f"{a} / {b} = {each}. {each} + {c} = {each + c}."
-        return q, r, str(each + c)
+        return q, r, f"{a} / {b} + {c} = {each + c}.", str(each + c)
     a, b = rng.randint(2, 5), rng.randint(2, 5)
     c = a * b + rng.randint(1, 9)
     q = f"One {item} costs {a} dollars. {name} buys {b} {item}s and pays with {c} dollars. How much change is there?"
     r = f"{a} * {b} = {a * b}. {c} - {a * b} = {c - a * b}."
-    return q, r, str(c - a * b)
+    return q, r, f"{c} - {a} * {b} = {c - a * b}.", str(c - a * b)
 
 
 def _general_item(rng):
@@ -68,7 +68,7 @@ def _general_item(rng):
         words = rng.sample(WORDS, rng.randint(3, 4))
         q = f"Reverse the order of these words: {' '.join(words)}"
         r = f"The words are {', '.join(words)}. From last to first they are {', '.join(reversed(words))}."
-        return q, r, " ".join(reversed(words))
+        return q, r, f"Reversed they are {', '.join(reversed(words))}.", " ".join(reversed(words))
     if kind == 1:
         words = rng.sample(WORDS, rng.randint(3, 4))
         while len({w[0] for w in words}) < len(words):  # distinct first letters: the reasoning below suffices
@@ -76,7 +76,7 @@ def _general_item(rng):
         first = min(words)
         q = f"Which word comes first in alphabetical order: {', '.join(words)}?"
         r = f"The first letters are {', '.join(w[0] for w in words)}. The earliest is {first[0]}, so it is {first}."
-        return q, r, first
+        return q, r, f"It is {first}.", first
     name, day, k = rng.choice(NAMES), rng.randrange(7), rng.randint(1, 9)
     if rng.random() < 0.5:
         q = f"Today is {DAYS[day]}. {name} will travel in {k} days. On which day will {name} travel?"
@@ -84,7 +84,7 @@ def _general_item(rng):
         q = f"{name} starts a trip on {DAYS[day]}. The trip lasts {k} days. On which day does the trip end?"
     steps = ", ".join(DAYS[(day + i) % 7] for i in range(1, k + 1))
     r = f"Counting {k} days after {DAYS[day]}: {steps}."
-    return q, r, DAYS[(day + k) % 7]
+    return q, r, f"{k} days after {DAYS[day]} is {DAYS[(day + k) % 7]}.", DAYS[(day + k) % 7]
 
 
 def make_items(n, domain, seed, exclude=frozenset()):
@@ -95,10 +95,10 @@ def make_items(n, domain, seed, exclude=frozenset()):
     for _ in range(200 * n):
         if len(items) == n:
             break
-        q, r, a = make(rng)
+        q, r, short, a = make(rng)
         if q not in seen:
             seen.add(q)
-            items.append({"question": q, "reasoning": r, "answer": a, "domain": domain})
+            items.append({"question": q, "reasoning": r, "short_reasoning": short, "answer": a, "domain": domain})
     if len(items) < n:
         raise ValueError(f"only {len(items)} unique {domain} items exist for this generator; asked for {n}")
     return items
@@ -109,7 +109,7 @@ def corpus_lines(items):
     return [f"Question: {it['question']}\nSolution: {it['reasoning']} The answer is {it['answer']}." for it in items]
 
 
-def write_all(out_dir, *, seed=0, n_sft=2000, n_rl=1000, n_eval=200, n_corpus=20000):
+def write_all(out_dir, *, seed=0, n_sft=2000, n_rl=1000, n_eval=200, n_corpus=20000, long_share=0.2):
     """Write corpus.txt, sft_train.csv, sft_eval.csv, rl_train.csv, rl_eval.csv into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     splits = {}
@@ -130,11 +130,15 @@ def write_all(out_dir, *, seed=0, n_sft=2000, n_rl=1000, n_eval=200, n_corpus=20
     with open(os.path.join(out_dir, "corpus.txt"), "w") as f:
         f.write("\n\n".join(corpus_lines(corpus_items)) + "\n")
     for name, items in [("sft_train", splits["sft"]), ("sft_eval", splits["eval"])]:
+        # The teacher's traces: a long (step-by-step) chain of thought with probability long_share, else a short
+        # one (a single line). Its own RNG, so the questions (and corpus, tokenizer, base) do not depend on it.
+        form_rng = random.Random(f"form-{seed}-{name}")
         with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["user", "assistant", "domain", "system"])
             for it in items:
-                w.writerow([it["question"], render_completion(it["reasoning"], it["answer"]), it["domain"],
+                reasoning = it["reasoning"] if form_rng.random() < long_share else it["short_reasoning"]
+                w.writerow([it["question"], render_completion(reasoning, it["answer"]), it["domain"],
                             SYSTEM[it["domain"]]])
     for name, items in [("rl_train", splits["rl"]), ("rl_eval", splits["eval"])]:
         with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:

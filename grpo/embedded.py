@@ -31,10 +31,10 @@ PATHS = {
 SFT_OUT, GRPO_OUT = os.path.join("runs", "sft-default"), os.path.join("runs", "grpo-default")
 
 # Sized for the tiny model on 2 CPU cores (the recipe's Gemma-2-2B values are the CLIs' own defaults).
-SFT_ARGS = ["--lr", "1e-3", "--max-len", "128", "--batch", "8", "--grad-accum", "1", "--steps", "300",
+SFT_ARGS = ["--lr", "2e-3", "--max-len", "128", "--batch", "8", "--grad-accum", "1", "--steps", "600",
             "--warmup", "20", "--weight-decay", "0", "--clip", "1.0", "--lora-rank", "8", "--lora-alpha", "16",
-            "--eval-every", "100"]
-GRPO_ARGS = ["--steps", "60", "--prompts-per-step", "8", "--group-size", "8", "--micro-batch", "32",
+            "--eval-every", "100", "--long-threshold", "15"]
+GRPO_ARGS = ["--steps", "60", "--prompts-per-step", "16", "--group-size", "8", "--micro-batch", "32",
              "--max-prompt-tokens", "96", "--max-new-tokens", "64", "--temperature", "1.0", "--top-k", "10",
              "--lr", "1e-3", "--beta", "0.04", "--clip", "1.0", "--weight-decay", "0", "--eval-every", "20",
              "--eval-limit", "300", "--save-every", "20", "--sample-every", "20", "--lora-rank", "8",
