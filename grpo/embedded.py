@@ -39,7 +39,8 @@ GRPO_ARGS = ["--steps", "60", "--prompts-per-step", "16", "--group-size", "8", "
              "--lr", "1e-3", "--beta", "0.04", "--clip", "1.0", "--weight-decay", "0", "--eval-every", "20",
              "--eval-limit", "300", "--save-every", "20", "--sample-every", "20", "--lora-rank", "8",
              "--lora-alpha", "16"]
-EVAL_KEYS = ("strict_format_rate", "math_accuracy", "prob_reward_mean", "completion_len_mean")
+EVAL_KEYS = ("strict_format_rate", "math_accuracy", "prob_reward_mean", "completion_len_mean",
+             "math_step_by_step_share", "math_accuracy_step_by_step", "math_accuracy_one_line")
 
 
 def check_bundled():
@@ -53,6 +54,27 @@ def _option(argv, name, default):
     return argv[argv.index(name) + 1] if name in argv else default
 
 
+def math_forms(records, texts) -> dict:
+    """How the math completions reason: the share written step by step (two equations, the long form of the
+    bundled traces) rather than in one line, and the accuracy of each form. This is what GRPO changes here."""
+    from rewards.format import strict_blocks
+    from rewards.math import extract_answer, is_equivalent
+
+    counts = {"step_by_step": [0, 0], "one_line": [0, 0]}
+    for r, t in zip(records, texts):
+        if r.get("domain") != "math":
+            continue
+        parsed = strict_blocks(t)
+        form = "step_by_step" if parsed and parsed[0].count("=") >= 2 else "one_line"
+        counts[form][0] += 1
+        counts[form][1] += bool(is_equivalent(extract_answer(t), str(r["answer"])))
+    n = sum(c[0] for c in counts.values())
+    out = {"math_step_by_step_share": counts["step_by_step"][0] / max(n, 1)}
+    for form, (k, right) in counts.items():
+        out[f"math_accuracy_{form}"] = right / k if k else float("nan")
+    return out
+
+
 def heldout_eval(adapters, *, max_new_tokens=64, limit=None, samples_path=None):
     """Greedy metrics of the bundled base (+ adapters, if given) on the held-out RL split."""
     from grpo.cli import load_model_and_tokenizer
@@ -60,16 +82,17 @@ def heldout_eval(adapters, *, max_new_tokens=64, limit=None, samples_path=None):
 
     cfg, params, lora, tok = load_model_and_tokenizer(PATHS["base"], PATHS["tokenizer"], adapters)
     records = load_rl_records(PATHS["rl_eval"], tok, limit=limit)
-    return evaluate(params, cfg, lora, records, tok, max_prompt_tokens=96, max_new_tokens=max_new_tokens,
-                    batch_size=64, samples_path=samples_path)
+    metrics, texts = evaluate(params, cfg, lora, records, tok, max_prompt_tokens=96, max_new_tokens=max_new_tokens,
+                              batch_size=64, samples_path=samples_path, return_texts=True)
+    return {**metrics, **math_forms(records, texts)}
 
 
 def print_table(title, before, after, print_fn=print):
     print_fn(f"\n{title}: held-out split ({after.get('num_records', '?')} records, greedy decoding)")
-    print_fn(f"{'metric':<22}{'before':>10}{'after':>10}{'change':>10}")
+    print_fn(f"{'metric':<28}{'before':>10}{'after':>10}{'change':>10}")
     for k in EVAL_KEYS:
         b, a = before[k], after[k]
-        print_fn(f"{k:<22}{b:>10.3f}{a:>10.3f}{a - b:>+10.3f}")
+        print_fn(f"{k:<28}{b:>10.3f}{a:>10.3f}{a - b:>+10.3f}")
 
 
 def plot_curves(out_dir):

@@ -19,8 +19,10 @@ from grpo.rollout import make_score_fn, prompt_ids, text_metrics
 
 
 def evaluate(params, cfg, lora, records, tokenizer, *, hp=None, max_prompt_tokens: int = 256,
-             max_new_tokens: int = 768, batch_size: int = 8, samples_path: str | None = None) -> dict:
-    """The module docstring's metrics over `records` (hp, when given, sets the prompt and generation budgets)."""
+             max_new_tokens: int = 768, batch_size: int = 8, samples_path: str | None = None,
+             return_texts: bool = False):
+    """The module docstring's metrics over `records` (hp, when given, sets the prompt and generation budgets).
+    With return_texts: (metrics, the greedy completions in record order)."""
     from rewards.prob import ProbRewardConfig, prob_rewards
     from rewards.router import reward_type
 
@@ -49,7 +51,7 @@ def evaluate(params, cfg, lora, records, tokenizer, *, hp=None, max_prompt_token
         metrics["prob_reward_mean"] = float(np.mean(pr))
     metrics["completion_len_mean"] = float(np.mean(lengths))
     metrics["num_records"] = len(records)
-    return metrics
+    return (metrics, texts) if return_texts else metrics
 
 
 def load_rl_records(path, tokenizer, *, kind: str = "recipe_csv", prompt_budget: int | None = None,

@@ -118,7 +118,7 @@ def test_bundled_sft_adapters_follow_the_format():
     m = heldout_eval(PATHS["sft_adapters"], limit=64)
     assert m["num_records"] == 64
     assert m["strict_format_rate"] >= 0.95
-    assert m["completion_len_mean"] < 40  # mostly the short one-line form before GRPO
+    assert m["math_step_by_step_share"] < 0.2  # greedy SFT mostly answers in the one-line form (GRPO's room)
 
 
 def test_embedded_settings_fit_the_bundled_prompts():
