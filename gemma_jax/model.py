@@ -164,13 +164,25 @@ def lora_weight_shapes(cfg: GemmaConfig, rank: int, targets) -> dict:
 
 
 def lora_delta(name, x, lora_layer, scale):
-    """(x A B) * scale for the adapter `name` of one layer, or None when that projection has no adapter."""
+    """(x A B) * scale for the adapter `name` of one layer, or None when that projection has no adapter.
+
+    Written as two 2-D matmuls over the flattened tokens ([M, in] @ [in, R] @ [R, out], then reshaped to the
+    LORA_EINSUMS output): the same products as those einsums, but their gradients are plain transposed matmuls.
+    With the einsums, XLA's CPU backend contracted the batch and time axes of dA and dB through transposed copies
+    of the [B, T, F] activation gradient: an MLP block's backward took 176 ms with LoRA on gate/up/down against
+    74 ms in this form (52 ms without LoRA; B 4 x T 256, D 512, F 2048, rank 16)."""
     if lora_layer is None or name not in lora_layer:
         return None
     to_rank, from_rank = LORA_EINSUMS[name]
     a, b = lora_layer[name]["a"], lora_layer[name]["b"]
-    h = jnp.einsum(to_rank, x, a.astype(x.dtype))
-    return (jnp.einsum(from_rank, h, b.astype(x.dtype)) * scale).astype(x.dtype)
+    rank, n_in = a.shape[-1], a.ndim - 1
+    lead = x.shape[:x.ndim - n_in]
+    h = x.reshape(-1, math.prod(a.shape[:-1])) @ a.reshape(-1, rank).astype(x.dtype)
+    out = (h @ b.reshape(rank, -1).astype(x.dtype)) * scale
+    out = out.reshape(*lead, *b.shape[1:]).astype(x.dtype)
+    have = to_rank.split(",")[0][:len(lead)] + from_rank.split(",")[1].split("->")[0][1:]
+    want = from_rank.split("->")[1]
+    return out if have == want else jnp.transpose(out, [have.index(c) for c in want])
 
 
 def _project(name, eq, x, w, lora_layer, scale):
