@@ -353,6 +353,14 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
 
     if cfg.remat:
         layer = jax.checkpoint(layer, prevent_cse=not cfg.scan_layers)
+    elif cfg.scan_layers:
+        # Under differentiation the scan stacks every residual of every layer into [L, ...] buffers, which XLA's
+        # CPU backend zero-fills and copies (six [L,B,T,F] and three [L,B,K,G,T,S] of them per step at MID).
+        # Saving only the weight matmuls' outputs and recomputing the elementwise work and the attention
+        # products in the backward pass is faster (MID SFT step 1.46 -> 1.15 s) and keeps less memory.
+        # No effect without differentiation.
+        layer = jax.checkpoint(layer, prevent_cse=False,
+                               policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     xs = (params["layers"], lora_layers, is_local_L, None if cache is None else cache["k"],
           None if cache is None else cache["v"])
     if cfg.scan_layers:

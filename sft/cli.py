@@ -57,9 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--remat", action="store_true", help="rematerialise each layer in the backward pass")
-    ap.add_argument("--unroll-layers", action="store_true",
-                    help="unroll the layer loop instead of lax.scan: longer compile, ~1.2x faster steps on a CPU "
-                         "(bench/sft_step.py)")
     return ap
 
 
@@ -131,8 +128,6 @@ def main(argv=None) -> int:
     cfg, params = load_checkpoint(args.base, dtype=args.dtype)
     if args.remat:
         cfg = dataclasses.replace(cfg, remat=True)
-    if args.unroll_layers:
-        cfg = dataclasses.replace(cfg, scan_layers=False)
     tokenizer = Tokenizer(args.tokenizer or os.path.join(args.base, "tokenizer.model"))
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"--tokenizer {tokenizer.path}: {tokenizer.vocab_size} pieces > model vocab {cfg.vocab_size}")
