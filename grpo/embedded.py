@@ -3,7 +3,8 @@
 It runs the recipe end to end on the bundled tiny Gemma-2-architecture model (bundled/base, built by
 runs/tiny.sh) and the bundled task data (data/tiny_tasks.py), with settings sized for two CPU cores, and shows
 that it learned: a before/after table on the held-out split (strict-format rate, math accuracy, mean probability
-reward, mean completion length), greedy decoding as in the recipe's evaluation.
+reward, mean completion length, and how the math answers reason: the share worked step by step and the accuracy
+of each form), greedy decoding as in the recipe's evaluation.
 
     sft  : bundled base -> LoRA SFT on bundled/data/sft_train.csv -> runs/sft-default/
     grpo : SFT adapters (runs/sft-default/adapters if present, else bundled/sft_adapters) -> LoRA GRPO on

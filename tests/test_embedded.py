@@ -79,12 +79,14 @@ def test_answers_are_computed_and_both_forms_agree():
         if it["domain"] == "math":
             assert it["reasoning"].count("=") == 2 and it["short_reasoning"].count("=") == 1
     assert n_eq == 400 * 3  # two equations in each long math trace, one in each short one
-    days = tiny_tasks.DAYS
+    days, n_days = tiny_tasks.DAYS, 0
     for it in items:
         m = re.match(r"(\d+) days after (\w+) is (\w+)\.", it["short_reasoning"])
         if m:
             k, start, end = int(m[1]), days.index(m[2]), days.index(m[3])
             assert (start + k) % 7 == end and it["answer"] == m[3]
+            n_days += 1
+    assert n_days > 40  # about a third of the 200 general items are calendar tasks
 
 
 def test_sft_traces_mix_long_and_short_one_to_four(generated):
