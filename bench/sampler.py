@@ -1,12 +1,15 @@
 """Sampler benchmark: generated tokens/s of our `generate` vs Tunix's `Sampler`, same weights, same run.
 
 Each row: B prompts of P tokens (unpadded, random ids), N new tokens, no stop id that can fire, so both samplers
-generate exactly B*N tokens. Time = best wall time of the whole call over --repeats rounds (ours and Tunix
-alternating), after a warm-up call that compiles; it includes the prefill of B*P tokens, so tok/s = B*N / time.
+generate exactly B*N tokens. Times are the best wall time of a whole call over --repeats rounds (ours and Tunix
+alternating), after a warm-up call that compiles. Two rates per sampler:
+    decode tok/s   B*(N-1) / (time of the call with N new tokens - time of the same call with 1 new token):
+                   the decode loop alone (the call with 1 new token is the prefill plus the first sample);
+    total tok/s    B*N / time of the call with N new tokens: prefill of B*P tokens included.
 Greedy unless --sample (T 0.6, top-k 50, as in the GRPO recipe; Tunix needs top_p for that mode, so top_p=1.0
 there). Tunix hard-codes the query scale to head_dim**-0.5, so both models get query_pre_attn_scalar = head_dim.
 
-    python bench/sampler.py                 # default grid: TINY and MID, ~5 minutes on a 2-core CPU
+    python bench/sampler.py                 # default grid: TINY and MID, ~6 minutes on a 2-core CPU
     python bench/sampler.py --sweep         # B in {8,32} x N in {64,128,256} x P in {16,64,128}, TINY and MID
     python bench/sampler.py --sample        # the same rows with top-k sampling
     python bench/sampler.py --gpu           # GEMMA2_2B-shaped random bf16 weights, B 1 and 64: tok/s and the
@@ -51,6 +54,7 @@ def best_of(fns, repeats):
 
 
 def bench_row(cfg, params, tunix_model, B, P, N, sample, repeats):
+    """[(best time with N new tokens, first-call time), (best time with 1 new token, _)] for ours, then Tunix."""
     from tunix.generate import sampler as tunix_sampler
 
     prompts = [[2] + r for r in np.random.RandomState(B * P + N).randint(4, cfg.vocab_size, (B, P - 1)).tolist()]
@@ -60,10 +64,12 @@ def bench_row(cfg, params, tunix_model, B, P, N, sample, repeats):
     smp = tunix_sampler.Sampler(tunix_model, IdTokenizer(), cache)
     texts = [" ".join(map(str, p)) for p in prompts]
     t_samp = dict(temperature=0.6, top_k=50, top_p=1.0) if sample else dict(temperature=0.0)
-    return best_of([
-        lambda: generate(params, cfg, prompts, max_new_tokens=N, stop_ids=(NEVER,), seed=0, prompt_bucket=P, **samp),
-        lambda: smp(texts, max_generation_steps=N, max_prompt_length=P, eos_tokens=[NEVER], seed=0, **t_samp),
-    ], repeats)
+    ours = lambda n: lambda: generate(params, cfg, prompts, max_new_tokens=n, stop_ids=(NEVER,), seed=0,  # noqa
+                                      prompt_bucket=P, **samp)
+    theirs = lambda n: lambda: smp(texts, max_generation_steps=n, max_prompt_length=P, eos_tokens=[NEVER],  # noqa
+                                   seed=0, **t_samp)
+    res = best_of([ours(N), ours(1), theirs(N), theirs(1)], repeats)
+    return res[:2], res[2:]
 
 
 def cpu_table(args):
@@ -74,8 +80,9 @@ def cpu_table(args):
         grids = {"TINY": [(8, 16, 64), (32, 64, 128), (32, 128, 256)], "MID": [(8, 16, 64), (32, 128, 128)]}
     from tunix_utils import to_tunix
 
-    print(f"{'model':<6} {'B':>3} {'P':>4} {'N':>4} {'ours tok/s':>11} {'tunix tok/s':>12} {'ratio':>6} "
-          f"{'ours 1st s':>10} {'tunix 1st s':>11}", flush=True)
+    print(f"{'':<17} {'---------- decode tok/s ----------':>34}  {'---------- total tok/s ----------':>33}")
+    print(f"{'model':<6} {'B':>3} {'P':>4} {'N':>4} {'ours':>10} {'tunix':>10} {'ratio':>7}  {'ours':>10} "
+          f"{'tunix':>10} {'ratio':>7}  {'ours 1st s':>10} {'tunix 1st s':>11}", flush=True)
     for name, rows in grids.items():
         if args.models and name not in args.models:
             continue
@@ -83,10 +90,12 @@ def cpu_table(args):
         params = init_params(cfg, 0)
         tunix_model = to_tunix(params, cfg)
         for B, P, N in rows:
-            (ours, ours_first), (theirs, theirs_first) = bench_row(cfg, params, tunix_model, B, P, N, args.sample,
-                                                                   args.repeats)
-            print(f"{name:<6} {B:>3} {P:>4} {N:>4} {B * N / ours:>11.0f} {B * N / theirs:>12.0f} "
-                  f"{theirs / ours:>5.2f}x {ours_first:>10.1f} {theirs_first:>11.1f}", flush=True)
+            ((ours, ours_first), (ours1, _)), ((theirs, theirs_first), (theirs1, _)) = bench_row(
+                cfg, params, tunix_model, B, P, N, args.sample, args.repeats)
+            dec_ours, dec_theirs = B * (N - 1) / (ours - ours1), B * (N - 1) / (theirs - theirs1)
+            print(f"{name:<6} {B:>3} {P:>4} {N:>4} {dec_ours:>10.0f} {dec_theirs:>10.0f} {dec_ours / dec_theirs:>6.2f}x"
+                  f"  {B * N / ours:>10.0f} {B * N / theirs:>10.0f} {theirs / ours:>6.2f}x  {ours_first:>10.1f} "
+                  f"{theirs_first:>11.1f}", flush=True)
 
 
 def gpu_table(args):

@@ -223,15 +223,9 @@ def _weighted_values(p_BKGTS, v_BSKH):
     return jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
 
 
-def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache_BSKH=None, v_cache_BSKH=None,
-               mask_new_BTT=None):
-    """Self-attention of one layer; returns (output, this step's keys [B,T,K,H], values [B,T,K,H]).
-
-    Without a cache the T tokens attend to each other under mask_BTS [B,T,T]. With a cache the queries attend to
-    the cached slots under mask_BTS [B,T,S] and to the T new keys under mask_new_BTT, in one softmax over both;
-    the caller writes the new keys/values into the cache once, after all layers. (Writing them into the cache
-    here, inside the layer scan, made XLA copy the whole cache every layer: ~3x slower decoding.)
-    """
+def _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT):
+    """Projections of one layer with RoPE: (queries [B,T,K,G,H] times the query scale, keys [B,T,K,H], values
+    [B,T,K,H]). Query heads are grouped over kv heads: N = K * G (MQA when K = 1, GQA otherwise)."""
     B, T, _ = x_BTD.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q_BTNH = _project("q", "BTD,DNH->BTNH", x_BTD, w["q"], lora_layer, scale)
@@ -242,6 +236,21 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache
         k_BTKH, v_BTKH = k_BTKH + kv_delta[0], v_BTKH + kv_delta[1]
     q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_base)
     k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_base)
+    q_BTNH = q_BTNH * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
+    return q_BTNH.reshape(B, T, K, N // K, H), k_BTKH, v_BTKH
+
+
+def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache_BSKH=None, v_cache_BSKH=None,
+               mask_new_BTT=None):
+    """Self-attention of one layer; returns (output, this step's keys [B,T,K,H], values [B,T,K,H]).
+
+    Without a cache the T tokens attend to each other under mask_BTS [B,T,T]. With a cache the queries attend to
+    the cached slots under mask_BTS [B,T,S] and to the T new keys under mask_new_BTT, in one softmax over both;
+    the caller writes the new keys/values into the cache once, after all layers. (Writing them into the cache
+    here, inside the layer scan, made XLA copy the whole cache every layer: ~3x slower decoding.)
+    """
+    B, T, _ = x_BTD.shape
+    q_BTKGH, k_BTKH, v_BTKH = _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT)
     if k_cache_BSKH is not None:
         # Round-trip through the cache dtype, so this step sees exactly what later steps will read back.
         k_BTKH, v_BTKH = k_BTKH.astype(k_cache_BSKH.dtype), v_BTKH.astype(v_cache_BSKH.dtype)
@@ -250,9 +259,6 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache
             parts = parts[1:]
     else:
         parts = [(k_BTKH, v_BTKH, mask_BTS)]
-    q_BTNH = q_BTNH * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
-    # Query heads are grouped over kv heads: N = K * (N // K) (MQA when K = 1, GQA otherwise).
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     s_BKGTS = jnp.concatenate([_scores(q_BTKGH, k) for k, _, _ in parts], axis=-1)
     mask_BTS = jnp.concatenate([m for _, _, m in parts], axis=-1)
     s_BKGTS = softcap(s_BKGTS, cfg.attn_logit_softcap)  # before masking, as HF and Tunix do
@@ -263,7 +269,7 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache
         p_part = jax.lax.slice_in_dim(p_BKGTS, start, start + v.shape[1], axis=-1).astype(v.dtype)
         o_BTKGH = o_BTKGH + _weighted_values(p_part, v)
         start += v.shape[1]
-    o_BTNH = o_BTKGH.reshape(B, T, N, H).astype(x_BTD.dtype)
+    o_BTNH = o_BTKGH.reshape(B, T, cfg.num_heads, cfg.head_dim).astype(x_BTD.dtype)
     out_BTD = _project("o", "BTNH,NHD->BTD", o_BTNH, w["o"], lora_layer, scale)
     return out_BTD, k_BTKH, v_BTKH
 
@@ -275,19 +281,18 @@ def _mlp(x_BTD, w, lora_layer, scale):
     return _project("down", "BTF,FD->BTD", h_BTF, w["down"], lora_layer, scale)
 
 
-def _block(cfg, x_BTD, w, lora_layer, scale, positions_BT, masks, k_cache, v_cache):
+def _block(cfg, x_BTD, w, lora_layer, scale, attend):
     """One transformer block: pre-norm attention and MLP, with Gemma 2's post-norms when configured.
-    Returns (x, this step's keys, values)."""
-    h = rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps)
-    h, k_new, v_new = _attention(cfg, h, w, lora_layer, scale, positions_BT, *masks[:1], k_cache, v_cache,
-                                 *masks[1:])
+    `attend(h_BTD) -> (out_BTD, extra)` is the attention of this layer (full or cached, see callers); returns
+    (x, extra)."""
+    h, extra = attend(rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps))
     if cfg.use_post_norms:
         h = rms_norm(h, w["post_attn_norm"], cfg.norm_eps)
     x_BTD = x_BTD + h
     h = _mlp(rms_norm(x_BTD, w["ffw_norm"], cfg.norm_eps), w, lora_layer, scale)
     if cfg.use_post_norms:
         h = rms_norm(h, w["post_ffw_norm"], cfg.norm_eps)
-    return x_BTD + h, k_new, v_new
+    return x_BTD + h, extra
 
 
 def embed(params, tokens_BT, cfg):
@@ -348,7 +353,12 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
     def layer(x, xs):
         w, lora_layer, is_local, k_c, v_c = xs
         masks = tuple(jnp.where(is_local, ml, mg) for ml, mg in zip(masks_l, masks_g))
-        x, k_new, v_new = _block(cfg, x, w, lora_layer, scale, positions_BT, masks, k_c, v_c)
+
+        def attend(h):
+            out, k_new, v_new = _attention(cfg, h, w, lora_layer, scale, positions_BT, masks[0], k_c, v_c, *masks[1:])
+            return out, (k_new, v_new)
+
+        x, (k_new, v_new) = _block(cfg, x, w, lora_layer, scale, attend)
         return x, (None, None) if cache is None else (k_new, v_new)
 
     if cfg.remat:

@@ -1,10 +1,12 @@
 """Batched, jitted generation with a KV cache: greedy, temperature, top-k and top-p sampling, log-probs, stop ids.
 
-`generate(params, cfg, prompts, ...)` left-pads the prompts to a length bucket, prefills them in one call,
-repeats each prompt's cache `num_samples` times (G samples share ONE prefill), then decodes inside a
-`lax.while_loop` that exits as soon as every row has stopped. Prefill and decode are one jitted function,
-compiled once per (prompt bucket, batch, max_new_tokens, sampling mode, stop ids); temperature, top_p and the
-seed are traced, so changing them does not recompile.
+`generate(params, cfg, prompts, ...)` left-pads the prompts to a length bucket, prefills them in one call
+(`model.forward_hidden`), repeats each prompt's cache `num_samples` times (G samples share ONE prefill), then
+decodes one token per step with `decode.decode_step` (per-layer buffers, ring buffers for sliding-window layers)
+inside `lax.while_loop`s that exit as soon as every row has stopped: one loop per segment of `decode_segment`
+steps, whose global-layer buffers hold just the slots that segment can reach (`decode_segments`). Prefill and
+decode are one jitted function, compiled once per (prompt bucket, batch, max_new_tokens, sampling mode, stop
+ids); temperature, top_p and the seed are traced, so changing them does not recompile.
 
 Sampling follows Tunix 0.1.7 (`tunix/generate/sampler.py`, `sample_top_p`): logits are divided by the
 temperature, then the top_k largest are kept (all of them when top_k is None or 0), then top-p keeps the sorted
@@ -29,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_jax import decode
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import forward, forward_hidden, init_cache, unembed
+from gemma_jax.model import forward_hidden, init_cache, unembed
 
 
 @dataclasses.dataclass
@@ -77,6 +80,15 @@ def _candidates(x_BV, top_k, top_p):
     return vals_BK, ids_BK
 
 
+def argmax_first(x_BV):
+    """jnp.argmax over the last axis (the first index of the maximum) for finite values, as a max and a min
+    reduction: XLA's CPU backend runs these ~1.3-3x faster than argmax's paired (value, index) reduction
+    (8 x 8192: 95 vs 122 us; 32 x 8192: 255 vs 492 us)."""
+    m_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+    ids_V = jnp.arange(x_BV.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x_BV == m_B1, ids_V, x_BV.shape[-1]), axis=-1)
+
+
 def sample_logits(logits_BV, keys_B, temperature, *, top_k=None, top_p=None, greedy=False):
     """One token per row: argmax when greedy, else a draw from the filtered softmax(logits / T) with row keys.
 
@@ -85,7 +97,7 @@ def sample_logits(logits_BV, keys_B, temperature, *, top_k=None, top_p=None, gre
     """
     logits_BV = logits_BV.astype(jnp.float32)
     if greedy:
-        tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        tok_B = argmax_first(logits_BV)
         scaled_BV = logits_BV
     else:
         scaled_BV = logits_BV / temperature
@@ -103,43 +115,43 @@ def sample_logits(logits_BV, keys_B, temperature, *, top_k=None, top_p=None, gre
 
 
 # ----------------------------------------------------------------------------------------------- generation
-def _prefill(params, lora, tokens_BP, mask_BP, cfg, cache_len):
-    """Run the prompts once; return (next-token logits [B,V], a cache with room for `cache_len` tokens).
-
-    The prompts fill a cache of exactly P slots (forward then skips attending to earlier slots, ~3x faster than
-    prefilling into the full-size cache); the decode slots are appended as empty padding afterwards.
-    """
-    B, P = tokens_BP.shape
-    h_BPD, cache = forward_hidden(params, tokens_BP, cfg, pad_mask_BT=mask_BP, cache=init_cache(cfg, B, P),
-                                  lora=lora)
-    grow = cache_len - P
-    cache = {"k": jnp.pad(cache["k"], ((0, 0), (0, 0), (0, grow), (0, 0), (0, 0))),
-             "v": jnp.pad(cache["v"], ((0, 0), (0, 0), (0, grow), (0, 0), (0, 0))),
-             "pos": jnp.pad(cache["pos"], ((0, 0), (0, grow))), "valid": jnp.pad(cache["valid"], ((0, 0), (0, grow))),
-             "index": cache["index"]}
-    # Left padding puts every row's last real token in the last column.
-    return unembed(params, h_BPD[:, -1:], cfg)[:, 0], cache
-
-
-def _repeat_rows(logits_BV, cache, G):
+def _repeat_rows(x, G, axis=0):
     """Share one prefill across G samples: row i becomes rows i*G .. i*G+G-1."""
-    rep = functools.partial(jnp.repeat, repeats=G)
-    cache = {"k": rep(cache["k"], axis=1), "v": rep(cache["v"], axis=1), "pos": rep(cache["pos"], axis=0),
-             "valid": rep(cache["valid"], axis=0), "index": cache["index"]}
-    return rep(logits_BV, axis=0), cache
+    return jnp.repeat(x, G, axis=axis)
+
+
+def decode_segments(P: int, N: int, segment: int = 64) -> list[tuple[int, int]]:
+    """[(last decode step + 1, cache capacity)] for the decode loop: steps t = 1 .. N-1 feed slot P + t - 1, run
+    in segments of `segment` steps; a segment's global-layer buffers hold exactly the slots it can reach, so
+    early steps do not attend over (or read) slots that cannot be written yet. Each segment is one compiled loop
+    body, so the count stays small: the segment length doubles once there are more than four."""
+    bounds, t = [], 1
+    while t < N:
+        step = segment * (1 << max(0, len(bounds) - 3))
+        t = min(N, t + step)
+        bounds.append((t, P + t - 1))
+    return bounds
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "num_samples", "top_k", "greedy", "use_top_p",
-                                             "stop_ids", "pad_id"))
+                                             "stop_ids", "pad_id", "decode_segment"))
 def _generate_jit(params, lora, tokens_BP, mask_BP, seed, temperature, top_p, *, cfg, max_new_tokens, num_samples,
-                  top_k, greedy, use_top_p, stop_ids, pad_id):
+                  top_k, greedy, use_top_p, stop_ids, pad_id, decode_segment):
     B, P = tokens_BP.shape
     N, G = max_new_tokens, num_samples
     R = B * G
-    logits_RV, cache = _repeat_rows(*_prefill(params, lora, tokens_BP, mask_BP, cfg, P + N - 1), G)
-    next_pos_R = jnp.repeat(jnp.sum(mask_BP, axis=1, dtype=jnp.int32), G)  # position of generated token 0
+    # Prefill: the prompts fill a cache of exactly P slots, once per prompt (not per sample).
+    h_BPD, cache = forward_hidden(params, tokens_BP, cfg, pad_mask_BT=mask_BP, cache=init_cache(cfg, B, P),
+                                  lora=lora)
+    logits_RV = _repeat_rows(unembed(params, h_BPD[:, -1:], cfg)[:, 0], G)  # left padding: last column is real
+    cache = {"k": _repeat_rows(cache["k"], G, axis=1), "v": _repeat_rows(cache["v"], G, axis=1)}
+    offset_R = _repeat_rows(P - jnp.sum(mask_BP, axis=1, dtype=jnp.int32), G)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(R))
     stop_S = jnp.asarray(stop_ids, jnp.int32)
+    L = cfg.num_layers
+    layers = decode.unstack_layers(params["layers"], L)
+    lora_layers = decode.unstack_layers(None if lora is None else lora.layers, L)
+    lora_scale = 0.0 if lora is None else lora.scale
 
     def sample_step(t, logits_RV, state):
         keys_R = jax.vmap(jax.random.fold_in, (0, None))(row_keys, t)
@@ -155,18 +167,21 @@ def _generate_jit(params, lora, tokens_BP, mask_BP, seed, temperature, top_p, *,
 
     def body(state):
         t = state["t"]
-        prev_R1 = jax.lax.dynamic_index_in_dim(state["tokens"], t - 1, 1)
-        logits_R1V, cache = forward(params, prev_R1, cfg, positions_BT=(next_pos_R + t - 1)[:, None],
-                                    cache=state["cache"], lora=lora)
-        return sample_step(t, logits_R1V[:, 0], {**state, "cache": cache})
-
-    def cond(state):
-        return (state["t"] < N) & ~jnp.all(state["done"])
+        prev_R = jax.lax.dynamic_index_in_dim(state["tokens"], t - 1, 1, keepdims=False)
+        logits_RV, buffers = decode.decode_step(params, layers, lora_layers, lora_scale, prev_R, P + t - 1,
+                                                offset_R, state["buffers"], cfg)
+        return sample_step(t, logits_RV, {**state, "buffers": buffers})
 
     state = {"t": jnp.int32(0), "tokens": jnp.full((R, N), pad_id, jnp.int32),
              "lp": jnp.zeros((R, N), jnp.float32), "raw": jnp.zeros((R, N), jnp.float32),
-             "length": jnp.zeros((R,), jnp.int32), "done": jnp.zeros((R,), bool), "cache": cache}
-    state = jax.lax.while_loop(cond, body, sample_step(jnp.int32(0), logits_RV, state))
+             "length": jnp.zeros((R,), jnp.int32), "done": jnp.zeros((R,), bool), "buffers": ()}
+    state = sample_step(jnp.int32(0), logits_RV, state)
+    segments = decode_segments(P, N, decode_segment)
+    for i, (t_end, capacity) in enumerate(segments):
+        buffers = decode.from_prefill(cache, cfg, capacity) if i == 0 else decode.grow(state["buffers"], cfg,
+                                                                                         capacity)
+        cond = lambda s, t_end=t_end: (s["t"] < t_end) & ~jnp.all(s["done"])  # noqa: E731
+        state = jax.lax.while_loop(cond, body, {**state, "buffers": buffers})
     return state["tokens"], state["lp"], state["raw"], state["length"], state["done"]
 
 
@@ -208,7 +223,7 @@ def pad_prompts(prompts, *, pad_id=0, vocab_size=None, prompt_mask=None, bucket=
     return tokens, mask
 
 
-def _check_options(max_new_tokens, temperature, top_k, top_p, num_samples, stop_ids):
+def _check_options(max_new_tokens, temperature, top_k, top_p, num_samples, stop_ids, decode_segment):
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -217,6 +232,8 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, num_samples, stop_
         raise ValueError(f"top_k must be None, 0 (no filter) or positive, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if int(decode_segment) < 1:
+        raise ValueError(f"decode_segment must be >= 1, got {decode_segment}")
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if any(int(s) != s for s in stop_ids):
@@ -225,7 +242,7 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, num_samples, stop_
 
 def generate(params, cfg: GemmaConfig, prompts, *, max_new_tokens: int, temperature: float = 1.0, top_k=None,
              top_p=None, stop_ids=(1,), seed: int = 0, num_samples: int = 1, lora=None, pad_id: int = 0,
-             prompt_mask=None, prompt_bucket=None) -> SampleOutput:
+             prompt_mask=None, prompt_bucket=None, decode_segment: int = 64) -> SampleOutput:
     """Generate up to `max_new_tokens` tokens after each prompt, `num_samples` samples per prompt.
 
     prompts: a list of token-id lists, or an int array [B,T] (real tokens where `prompt_mask`, default != pad_id).
@@ -233,10 +250,12 @@ def generate(params, cfg: GemmaConfig, prompts, *, max_new_tokens: int, temperat
     stop_ids: a row ends after emitting any of them (the stop token is kept and counted in `lengths`); later
         positions are pad_id with log-prob 0.
     prompt_bucket: pad prompts to exactly this length (default: `bucket_length` of the longest prompt).
+    decode_segment: decode steps per segment (see `decode_segments`): smaller reads fewer unwritten cache slots
+        in the global layers but compiles more loop bodies.
     Returns a SampleOutput whose rows i*G .. i*G+G-1 belong to prompt i.
     """
     stop_ids = tuple(int(s) for s in ([stop_ids] if np.isscalar(stop_ids) else stop_ids))
-    _check_options(max_new_tokens, temperature, top_k, top_p, num_samples, stop_ids)
+    _check_options(max_new_tokens, temperature, top_k, top_p, num_samples, stop_ids, decode_segment)
     tokens_BP, mask_BP = pad_prompts(prompts, pad_id=pad_id, vocab_size=cfg.vocab_size, prompt_mask=prompt_mask,
                                      bucket=prompt_bucket)
     greedy = float(temperature) == 0.0
@@ -245,7 +264,7 @@ def generate(params, cfg: GemmaConfig, prompts, *, max_new_tokens: int, temperat
                         jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p if use_top_p else 1.0),
                         cfg=cfg, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
                         top_k=None if greedy or not top_k else int(top_k), greedy=greedy, use_top_p=use_top_p,
-                        stop_ids=stop_ids, pad_id=int(pad_id))
+                        stop_ids=stop_ids, pad_id=int(pad_id), decode_segment=int(decode_segment))
     tokens, lp, raw, lengths, stopped = jax.device_get(out)
     G = int(num_samples)
     return SampleOutput(tokens=tokens, logprobs=lp, raw_logprobs=raw, lengths=lengths, stopped=stopped,

@@ -10,8 +10,17 @@ import pytest
 from tunix_utils import IdTokenizer, to_tunix
 
 import gemma_jax as g
+from gemma_jax import decode
 from gemma_jax.model import forward, init_params
-from gemma_jax.sampler import bucket_length, filter_logits, generate, pad_prompts, sample_logits
+from gemma_jax.sampler import (
+    argmax_first,
+    bucket_length,
+    decode_segments,
+    filter_logits,
+    generate,
+    pad_prompts,
+    sample_logits,
+)
 
 N_NEW = 24  # > the TINY window (8), so decoding crosses the sliding window
 
@@ -280,6 +289,44 @@ def test_buckets_and_bad_input(params):
         generate(params, cfg, [[2, 3]], max_new_tokens=0)
     with pytest.raises(ValueError, match="prompt_bucket 4"):
         generate(params, cfg, [[2, 3, 4, 5, 6]], max_new_tokens=2, prompt_bucket=4)
+    with pytest.raises(ValueError, match="decode_segment"):
+        generate(params, cfg, [[2, 3]], max_new_tokens=2, decode_segment=0)
+
+
+def test_decode_segments_and_buffer_lengths():
+    """Steps 1..N-1 in segments whose capacity is exactly the slots they reach (P + last step - 1); the segment
+    length doubles after the first four. Local layers keep min(capacity, window) slots, global the capacity."""
+    assert decode_segments(16, 64) == [(64, 79)]
+    assert decode_segments(128, 256) == [(65, 192), (129, 256), (193, 320), (256, 383)]
+    assert decode_segments(128, 1024)[3:] == [(257, 384), (385, 512), (641, 768), (1024, 1151)]
+    assert decode_segments(16, 1) == [] and decode_segments(4, 12, 2) == [(3, 6), (5, 8), (7, 10), (9, 12),
+                                                                          (12, 15)]
+    assert decode.buffer_lengths(g.TINY, 39) == (8, 39, 8, 39)  # TINY: local layers 0 and 2, window 8
+    assert decode.buffer_lengths(g.TINY, 6) == (6, 6, 6, 6)
+    assert decode.buffer_lengths(g.TINY_GEMMA1, 39) == (39,) * 4  # no window
+
+
+def test_segments_and_ring_buffers_equal_teacher_forcing(params):
+    """A 4-token bucket with 2-step segments: the local layers' buffers start linear (6 slots), grow, then become
+    rings of the 8-slot window, and the global buffers grow four times. Tokens and log-probs equal the one-segment
+    run and the teacher-forced forward."""
+    prompts = _prompts([3, 4], seed=1)
+    outs = [generate(params, g.TINY, prompts, max_new_tokens=12, temperature=0.0, stop_ids=(), prompt_bucket=4,
+                     decode_segment=seg) for seg in (2, 64)]
+    np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+    np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-6)
+    ref = _teacher_forced(params, g.TINY, prompts, outs[0].tokens)
+    for i, logits in enumerate(ref):
+        np.testing.assert_array_equal(outs[0].tokens[i], logits.argmax(-1))
+        lp = np.take_along_axis(_log_softmax(logits), outs[0].tokens[i][:, None], -1)[:, 0]
+        np.testing.assert_allclose(outs[0].logprobs[i], lp, atol=1e-5)
+    assert min(len(set(row.tolist())) for row in outs[0].tokens) >= 8  # not a collapsed repetition
+
+
+def test_argmax_first_equals_argmax_with_ties():
+    x = np.array([[1.0, 3.0, 3.0, -2.0], [0.0, 0.0, 0.0, 0.0], [-5.0, -1.0, -7.0, -1.0]], np.float32)
+    x = np.concatenate([x, np.random.RandomState(0).randn(5, 4).astype(np.float32)])
+    assert np.asarray(argmax_first(jnp.asarray(x))).tolist() == np.argmax(x, -1).tolist()
 
 
 def test_generate_cli_prints_the_greedy_completion(params, tokenizer, tokenizer_path, monkeypatch, capsys):

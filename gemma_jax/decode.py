@@ -1,0 +1,119 @@
+"""One-token decoding over per-layer KV buffers: the inner step of gemma_jax.sampler's decode loop.
+
+`model.forward(..., cache=...)` handles any number of new tokens against a stacked [L,B,S,K,H] cache under the
+layer scan; that is what the prefill uses. Decoding one token per step inside a `while_loop` is different work,
+and on XLA's CPU backend that general path cost about twice what the arithmetic needs (profiled at MID, B 32):
+the scan copied each layer's weights and each layer's cache slice out of the stacked arrays every step, and the
+one-query attention read every slot of the cache in every layer. Here instead:
+
+- The weights are unstacked into one pytree per layer once, before the loop (`unstack_layers`), and the layers
+  are unrolled: a step reads each weight in place. This holds a second copy of the layer weights while
+  generating (the stacked ones stay alive for the caller).
+- Each layer has its own key/value buffers [B,K,C,H], the layout in which the one-query scores and the weighted
+  sum of values are plain batched matrix products. A step writes the new token's key and value into the buffer
+  first and then attends over the buffer: the write is in place, because the old buffer has no other reader.
+- A local (sliding-window) layer only ever needs the last W slots, so when the cache would be longer than W its
+  buffer is a ring of W slots: Gemma 2 alternates local and global layers, so half the layers read W slots
+  instead of the whole cache. Global layers read a buffer of the current capacity, which the sampler grows in
+  segments (`grow`) so that early steps do not read slots that cannot be filled yet.
+
+Slots and positions: the sampler left-pads every prompt to the same length P, so slot i of row r holds the token
+at position i - offset[r], where offset[r] is the row's number of padding slots; slot i is real iff
+i >= offset[r]. Slot i of the sequence lives in buffer column i mod C (C = the buffer length; for a linear buffer
+C exceeds every slot written, so the column is the slot). At step `index` (the slot being written), column j of a
+buffer holds slot index - ((index - j) mod C): the most recent slot with that column. It is attended iff it is a
+real slot (>= offset[r]; columns never written come out negative). The window needs no separate test: a ring
+holds only slots within W of the query, and a linear buffer is used for a local layer only when C <= W.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_jax.config import GemmaConfig
+from gemma_jax.model import MASK_VALUE, _block, _project, _qkv, embed, rms_norm, softcap, unembed
+
+
+def unstack_layers(tree, num_layers):
+    """A pytree with a leading layer axis on every leaf -> a tuple of per-layer pytrees (None stays None)."""
+    if tree is None:
+        return (None,) * num_layers
+    return tuple(jax.tree.map(lambda a, i=i: a[i], tree) for i in range(num_layers))
+
+
+def buffer_lengths(cfg: GemmaConfig, capacity: int) -> tuple[int, ...]:
+    """Per layer, the buffer length C: `capacity` for global layers, min(capacity, W) for local layers."""
+    W = cfg.sliding_window
+    return tuple(min(capacity, W) if local and W is not None else capacity for local in cfg.is_local_layer)
+
+
+def from_prefill(cache, cfg: GemmaConfig, capacity: int):
+    """Per-layer buffers from a prefilled `model.init_cache` cache whose P slots are all written (index == P).
+
+    Returns a tuple over layers of (k [B,K,C,H], v [B,K,C,H]) with C from `buffer_lengths(cfg, capacity)`:
+    column j holds slot (P-1) - ((P-1-j) mod C) when that is >= 0 (a ring keeps the last C slots), else zeros.
+    """
+    P = cache["k"].shape[2]
+    out = []
+    for layer, C in enumerate(buffer_lengths(cfg, capacity)):
+        slot_C = (P - 1) - np.mod(P - 1 - np.arange(C), C)
+        bufs = []
+        for name in ("k", "v"):
+            x_BSKH = cache[name][layer]
+            x_BCKH = jnp.where((slot_C >= 0)[None, :, None, None], x_BSKH[:, np.maximum(slot_C, 0)], 0)
+            bufs.append(jnp.transpose(x_BCKH, (0, 2, 1, 3)))
+        out.append(tuple(bufs))
+    return tuple(out)
+
+
+def grow(buffers, cfg: GemmaConfig, capacity: int):
+    """Lengthen the linear buffers to `capacity` slots (zeros after the written ones); rings stay as they are."""
+    out = []
+    for (k, v), C in zip(buffers, buffer_lengths(cfg, capacity)):
+        pad = ((0, 0), (0, 0), (0, C - k.shape[2]), (0, 0))
+        out.append((jnp.pad(k, pad), jnp.pad(v, pad)) if C > k.shape[2] else (k, v))
+    return tuple(out)
+
+
+def _attend_one(cfg, x_B1D, w, lora_layer, scale, pos_B1, k_BKCH, v_BKCH, col, real_BC):
+    """One layer's attention for one new token per row: write its key/value at column `col`, then attend over the
+    buffer's real columns. Returns (output [B,1,D], (k, v) buffers)."""
+    B = x_B1D.shape[0]
+    q_B1KGH, k_B1KH, v_B1KH = _qkv(cfg, x_B1D, w, lora_layer, scale, pos_B1)
+    put = lambda buf, new_B1KH: jax.lax.dynamic_update_slice(  # noqa: E731
+        buf, jnp.transpose(new_B1KH, (0, 2, 1, 3)).astype(buf.dtype), (0, 0, col, 0))
+    k_BKCH, v_BKCH = put(k_BKCH, k_B1KH), put(v_BKCH, v_B1KH)
+    q_BKGH = q_B1KGH[:, 0].astype(k_BKCH.dtype)
+    s_BKGC = jnp.einsum("BKGH,BKCH->BKGC", q_BKGH, k_BKCH, preferred_element_type=jnp.float32)
+    s_BKGC = softcap(s_BKGC, cfg.attn_logit_softcap)  # before masking, as in model._attention
+    s_BKGC = jnp.where(real_BC[:, None, None, :], s_BKGC, MASK_VALUE)
+    p_BKGC = jax.nn.softmax(s_BKGC, axis=-1).astype(v_BKCH.dtype)
+    o_BKGH = jnp.einsum("BKGC,BKCH->BKGH", p_BKGC, v_BKCH)
+    o_B1NH = o_BKGH.reshape(B, 1, cfg.num_heads, cfg.head_dim).astype(x_B1D.dtype)
+    return _project("o", "BTNH,NHD->BTD", o_B1NH, w["o"], lora_layer, scale), (k_BKCH, v_BKCH)
+
+
+def decode_step(params, layers, lora_layers, lora_scale, tok_B, index, offset_B, buffers, cfg: GemmaConfig):
+    """Feed one token per row at slot `index`; return (logits [B,V] float32, updated buffers).
+
+    layers / lora_layers: from `unstack_layers` (lora_layers a tuple of None without adapters); params supplies the
+    embedding and the final norm. offset_B: each row's count of left-padding slots (its position = slot - offset).
+    """
+    pos_B1 = (index - offset_B)[:, None].astype(jnp.int32)
+    x_B1D = embed(params, tok_B[:, None], cfg)
+    real = {}  # buffer length -> [B,C] mask of the columns holding real slots (at most two distinct lengths)
+    new_buffers = []
+    for w, lora_layer, (k_BKCH, v_BKCH) in zip(layers, lora_layers, buffers):
+        C = k_BKCH.shape[2]
+        if C not in real:
+            slot_C = index - jnp.mod(index - jnp.arange(C), C)
+            real[C] = slot_C[None, :] >= offset_B[:, None]
+        col = jnp.mod(index, C)
+
+        def attend(h, w=w, lora_layer=lora_layer, k=k_BKCH, v=v_BKCH, C=C, col=col):
+            return _attend_one(cfg, h, w, lora_layer, lora_scale, pos_B1, k, v, col, real[C])
+
+        x_B1D, kv = _block(cfg, x_B1D, w, lora_layer, lora_scale, attend)
+        new_buffers.append(kv)
+    logits_B1V = unembed(params, rms_norm(x_B1D, params["final_norm"], cfg.norm_eps), cfg)
+    return logits_B1V[:, 0], tuple(new_buffers)
