@@ -103,7 +103,7 @@ def what_fits(cfg, rank):
                ("TPU v5e-8, fsdp=8", 16, {"fsdp": 8}), ("H100 80 GB", 80, {}), ("24 GB GPU", 24, {})]
     print("\n== What fits: GEMMA2_2B, bf16 base, LoRA r32 f32 + AdamW, remat on (estimate, 90% of memory) ==")
     print(f"{'device':36s} {'SFT 2048: max batch':>20s} {'SFT batch 2: max len':>21s} {'GRPO G=4 x 1024':>16s} "
-          f"{'sampling cache G=4':>19s}")
+          f"{'sampling G=4':>19s}")
     for name, gb, mesh_shape in devices:
         budget = 0.9 * gb * GB
         rows = []

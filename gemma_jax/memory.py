@@ -8,6 +8,9 @@ rules (with its divisibility fallback, so the sharded sizes are exact):
     optimizer     AdamW: float32 first and second moments per LoRA parameter + an int32 step count; SGD: 0
     activations   what the backward pass of a LoRA step keeps alive at its peak (below)
     kv_cache      gemma_jax.model.init_cache(cfg, cache_batch, cache_len): k and v [L,B,S,K,H] + pos, valid, index
+                  (the sampler's per-layer decode buffers hold at most this: local layers keep only the window)
+    decode_weights  the per-layer copy of the layer weights and adapters that the sampler's decode loop reads
+                  (gemma_jax.decode.unstack_layers), alive while sampling next to the stacked originals
 All but the activations are exact sums of array sizes; activations are a model of what XLA keeps, checked
 against `compiled.memory_analysis().temp_size_in_bytes` in tests/test_memory.py (within the factor stated there).
 
@@ -111,9 +114,9 @@ def estimate_bytes(cfg: GemmaConfig, *, param_dtype="bfloat16", lora_rank: int, 
     """Bytes per device of each part of a LoRA train step and of a sampling KV cache (see the module docstring).
 
     Returns {"base_params", "lora_params", "grads", "optimizer", "activations", "activations_no_remat",
-    "activations_remat", "train_total", "kv_cache", "sample_total"}: train_total = params + LoRA + grads +
-    optimizer + activations (with `remat` as given); sample_total = base + LoRA + KV cache for `cache_batch`
-    rows of `cache_len` tokens (default: batch and seq_len)."""
+    "activations_remat", "train_total", "kv_cache", "decode_weights", "sample_total"}: train_total = params +
+    LoRA + grads + optimizer + activations (with `remat` as given); sample_total = base + LoRA + their per-layer
+    decode copy + KV cache for `cache_batch` rows of `cache_len` tokens (default: batch and seq_len)."""
     mesh_shape = dict(mesh_shape or {})
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
@@ -139,7 +142,9 @@ def estimate_bytes(cfg: GemmaConfig, *, param_dtype="bfloat16", lora_rank: int, 
            "activations": act[remat], "activations_no_remat": act[False], "activations_remat": act[True],
            "kv_cache": cache}
     out["train_total"] = base + 2 * lora + opt + act[remat]
-    out["sample_total"] = base + lora + cache
+    out["decode_weights"] = sum(shard_bytes(s.shape, s.axes, param_dtype, mesh_shape)
+                                for s in specs["layers"].values()) + lora
+    out["sample_total"] = base + lora + out["decode_weights"] + cache
     return out
 
 

@@ -40,7 +40,9 @@ def test_exact_bytes_one_device(cfg, dtype, targets):
     assert est["lora_params"] == total_nbytes(lora) == est["grads"]
     assert est["optimizer"] == total_nbytes(adamw_init(lora))
     assert est["kv_cache"] == total_nbytes(init_cache(cfg, 3, 40))
-    assert est["sample_total"] == est["base_params"] + est["lora_params"] + est["kv_cache"]
+    assert est["decode_weights"] == total_nbytes(params["layers"]) + total_nbytes(lora)
+    assert est["sample_total"] == (est["base_params"] + est["lora_params"] + est["decode_weights"]
+                                   + est["kv_cache"])
 
 
 def test_exact_bytes_per_device_on_mesh():
