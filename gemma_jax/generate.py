@@ -55,9 +55,12 @@ def main(argv=None) -> int:
     else:
         ids = tokenizer.encode_chat(args.prompt, args.system)
     t0 = time.perf_counter()
+    # One call, so compile time dominates: one decode loop (decode_segment = all steps) compiles fastest; the
+    # sampler's default segments pay off when the same shapes are sampled many times (GRPO, evaluation).
     out = generate(params, cfg, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids, seed=args.seed,
-                   num_samples=args.num_samples, lora=lora, pad_id=tokenizer.pad_id)
+                   num_samples=args.num_samples, lora=lora, pad_id=tokenizer.pad_id,
+                   decode_segment=args.max_new_tokens)
     seconds = time.perf_counter() - t0
     for i in range(len(out.tokens)):
         if args.num_samples > 1:
