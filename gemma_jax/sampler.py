@@ -6,7 +6,7 @@ decodes one token per step with `decode.decode_step` (per-layer buffers, ring bu
 inside `lax.while_loop`s that exit as soon as every row has stopped: one loop per segment of `decode_segment`
 steps, whose global-layer buffers hold just the slots that segment can reach (`decode_segments`). Prefill and
 decode are one jitted function, compiled once per (prompt bucket, batch, max_new_tokens, sampling mode, stop
-ids); temperature, top_p and the seed are traced, so changing them does not recompile.
+ids, decode_segment); temperature, top_p and the seed are traced, so changing them does not recompile.
 
 Sampling follows Tunix 0.1.7 (`tunix/generate/sampler.py`, `sample_top_p`): logits are divided by the
 temperature, then the top_k largest are kept (all of them when top_k is None or 0), then top-p keeps the sorted
