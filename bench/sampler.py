@@ -6,6 +6,10 @@ alternating), after a warm-up call that compiles. Two rates per sampler:
     decode tok/s   B*(N-1) / (time of the call with N new tokens - time of the same call with 1 new token):
                    the decode loop alone (the call with 1 new token is the prefill plus the first sample);
     total tok/s    B*N / time of the call with N new tokens: prefill of B*P tokens included.
+Per row also the decode step's weight-matmul floor: the time of that step's weight matmuls alone (q, k, v, o,
+gate, up, down in every layer and the tied logits, chained layer to layer over the same per-layer weights the
+sampler uses; no attention over the cache, no norms, no sampling), and the ratio ceiling, Tunix's decode ms/step
+over that floor: no sampler that runs these matmuls through XLA's CPU kernels can beat Tunix by more.
 Greedy unless --sample (T 0.6, top-k 50, as in the GRPO recipe; Tunix needs top_p for that mode, so top_p=1.0
 there). Tunix hard-codes the query scale to head_dim**-0.5, so both models get query_pre_attn_scalar = head_dim.
 
@@ -29,6 +33,7 @@ import numpy as np  # noqa: E402
 from tunix_utils import IdTokenizer  # noqa: E402
 
 import gemma_jax as g  # noqa: E402
+from gemma_jax.decode import unstack_layers  # noqa: E402
 from gemma_jax.model import count_params, init_params  # noqa: E402
 from gemma_jax.sampler import generate  # noqa: E402
 
@@ -51,6 +56,31 @@ def best_of(fns, repeats):
             fn()
             best[i] = min(best[i], time.perf_counter() - t0)
     return list(zip(best, first))
+
+
+def matmul_floor_s(cfg, params, B, repeats, steps=32):
+    """Seconds per decode step spent in the weight matmuls alone: every layer's projections (attention replaced by
+    adding the keys and values to the queries, so that no projection is dead code) and the tied logits, each
+    step's input depending on the last step's logits, over the per-layer weight copies the sampler uses."""
+    G, D = cfg.num_heads // cfg.num_kv_heads, cfg.embed_dim
+    ein = lambda eq, x, w: jax.numpy.einsum(eq, x, w)  # noqa: E731
+
+    def step(_, x_B1D, layers, embed):
+        for w in layers:
+            q = ein("BTD,DNH->BTNH", x_B1D, w["q"])
+            kv = jax.numpy.repeat(ein("BTD,DKH->BTKH", x_B1D, w["k"]) + ein("BTD,DKH->BTKH", x_B1D, w["v"]), G, 2)
+            x_B1D = x_B1D + ein("BTNH,NHD->BTD", q + kv, w["o"])
+            h = jax.nn.gelu(ein("BTD,DF->BTF", x_B1D, w["gate"]), approximate=True) * ein("BTD,DF->BTF", x_B1D,
+                                                                                          w["up"])
+            x_B1D = x_B1D + ein("BTF,FD->BTD", h, w["down"])
+        logits_B1V = ein("BTD,VD->BTV", x_B1D, embed)
+        return x_B1D + 1e-6 * logits_B1V[..., :D]  # V >= D in the configs benchmarked here
+
+    run = jax.jit(lambda x, layers, embed: jax.lax.fori_loop(0, steps, lambda i, x: step(i, x, layers, embed), x))
+    layers = jax.jit(lambda p: unstack_layers(p, cfg.num_layers))(params["layers"])
+    x = jax.numpy.full((B, 1, D), 0.01, jax.numpy.float32)
+    [(t, _)] = best_of([lambda: jax.block_until_ready(run(x, layers, params["embed"]))], repeats)
+    return t / steps
 
 
 def bench_row(cfg, params, tunix_model, B, P, N, sample, repeats):
@@ -80,9 +110,11 @@ def cpu_table(args):
         grids = {"TINY": [(8, 16, 64), (32, 64, 128), (32, 128, 256)], "MID": [(8, 16, 64), (32, 128, 128)]}
     from tunix_utils import to_tunix
 
-    print(f"{'':<17} {'---------- decode tok/s ----------':>34}  {'---------- total tok/s ----------':>33}")
+    print(f"{'':<17} {'---------- decode tok/s ----------':>34}  {'---------- total tok/s ----------':>33}  "
+          f"{'------- decode ms/step -------':>40}")
     print(f"{'model':<6} {'B':>3} {'P':>4} {'N':>4} {'ours':>10} {'tunix':>10} {'ratio':>7}  {'ours':>10} "
-          f"{'tunix':>10} {'ratio':>7}  {'ours 1st s':>10} {'tunix 1st s':>11}", flush=True)
+          f"{'tunix':>10} {'ratio':>7}  {'ours':>7} {'tunix':>7} {'mm floor':>8} {'ceiling':>7}  {'ours 1st s':>10} "
+          f"{'tunix 1st s':>11}", flush=True)
     for name, rows in grids.items():
         if args.models and name not in args.models:
             continue
@@ -92,10 +124,12 @@ def cpu_table(args):
         for B, P, N in rows:
             ((ours, ours_first), (ours1, _)), ((theirs, theirs_first), (theirs1, _)) = bench_row(
                 cfg, params, tunix_model, B, P, N, args.sample, args.repeats)
-            dec_ours, dec_theirs = B * (N - 1) / (ours - ours1), B * (N - 1) / (theirs - theirs1)
-            print(f"{name:<6} {B:>3} {P:>4} {N:>4} {dec_ours:>10.0f} {dec_theirs:>10.0f} {dec_ours / dec_theirs:>6.2f}x"
-                  f"  {B * N / ours:>10.0f} {B * N / theirs:>10.0f} {theirs / ours:>6.2f}x  {ours_first:>10.1f} "
-                  f"{theirs_first:>11.1f}", flush=True)
+            step_ours, step_theirs = (ours - ours1) / (N - 1), (theirs - theirs1) / (N - 1)
+            floor = matmul_floor_s(cfg, params, B, args.repeats)
+            print(f"{name:<6} {B:>3} {P:>4} {N:>4} {B / step_ours:>10.0f} {B / step_theirs:>10.0f} "
+                  f"{step_theirs / step_ours:>6.2f}x  {B * N / ours:>10.0f} {B * N / theirs:>10.0f} "
+                  f"{theirs / ours:>6.2f}x  {1e3 * step_ours:>7.2f} {1e3 * step_theirs:>7.2f} {1e3 * floor:>8.2f} "
+                  f"{step_theirs / floor:>6.2f}x  {ours_first:>10.1f} {theirs_first:>11.1f}", flush=True)
 
 
 def gpu_table(args):
