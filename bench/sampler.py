@@ -34,7 +34,7 @@ from tunix_utils import IdTokenizer  # noqa: E402
 
 import gemma_jax as g  # noqa: E402
 from gemma_jax.decode import unstack_layers  # noqa: E402
-from gemma_jax.model import count_params, init_params  # noqa: E402
+from gemma_jax.model import _mlp, count_params, init_params  # noqa: E402
 from gemma_jax.sampler import generate  # noqa: E402
 
 NEVER = 10**9  # a stop id no model can emit: every row runs to N tokens
@@ -70,9 +70,7 @@ def matmul_floor_s(cfg, params, B, repeats, steps=32):
             q = ein("BTD,DNH->BTNH", x_B1D, w["q"])
             kv = jax.numpy.repeat(ein("BTD,DKH->BTKH", x_B1D, w["k"]) + ein("BTD,DKH->BTKH", x_B1D, w["v"]), G, 2)
             x_B1D = x_B1D + ein("BTNH,NHD->BTD", q + kv, w["o"])
-            h = jax.nn.gelu(ein("BTD,DF->BTF", x_B1D, w["gate"]), approximate=True) * ein("BTD,DF->BTF", x_B1D,
-                                                                                          w["up"])
-            x_B1D = x_B1D + ein("BTF,FD->BTD", h, w["down"])
+            x_B1D = x_B1D + _mlp(x_B1D, w, None, 0.0)  # the model's gate, up, gelu, down
         logits_B1V = ein("BTD,VD->BTV", x_B1D, embed)
         return x_B1D + 1e-6 * logits_B1V[..., :D]  # V >= D in the configs benchmarked here
 
