@@ -24,7 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from gemma_jax import memory  # noqa: E402
 from gemma_jax.config import GEMMA2_2B  # noqa: E402
-from gemma_jax.model import abstract_params, token_logprobs  # noqa: E402
+from gemma_jax.model import abstract_params  # noqa: E402
+from gemma_jax.scoring import token_logprobs  # noqa: E402
 from gemma_jax.sharding import batch_sharding, lora_shardings, make_mesh, optimizer_shardings, param_shardings  # noqa: E402
 from lora.adapters import DEFAULT_TARGETS, LoRA, lora_shapes  # noqa: E402
 from sft.optim import adamw_update, clip_by_global_norm  # noqa: E402

@@ -8,23 +8,12 @@ from gemma_jax.model import (
     forward_hidden,
     init_cache,
     init_params,
-    token_logprobs,
 )
+from gemma_jax.scoring import token_logprobs
+from gemma_jax.checkpoint import load_checkpoint, save_hf
 from gemma_jax.tokenizer import Tokenizer
 
 
-def load_checkpoint(path, *, dtype=None):
-    """(cfg, params) from a Hugging Face safetensors folder or a Kaggle Flax/orbax Gemma checkpoint."""
-    from gemma_jax.checkpoint import load_checkpoint as _load
-
-    return _load(path, dtype=dtype)
-
-
-def save_hf(path, cfg, params):
-    """Write params as Hugging Face safetensors + config.json (transformers loads it)."""
-    from gemma_jax.checkpoint import save_hf as _save
-
-    return _save(path, cfg, params)
 
 
 __all__ = [

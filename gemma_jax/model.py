@@ -17,7 +17,6 @@ mask value, float32 softmax, a position-based sliding window (q - W < k <= q), t
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -397,21 +396,3 @@ def forward(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pad_mask_
     h_BTD, new_cache = forward_hidden(params, tokens_BT, cfg, positions_BT=positions_BT, pad_mask_BT=pad_mask_BT,
                                       segment_ids_BT=segment_ids_BT, cache=cache, lora=lora)
     return unembed(params, h_BTD, cfg), new_cache
-
-
-def token_logprobs(params, tokens_BT, cfg: GemmaConfig, *, pad_mask_BT=None, positions_BT=None, lora=None,
-                   temperature: float = 1.0, segment_ids_BT=None, return_entropy: bool = False) -> Any:
-    """log p(tokens[t+1] | tokens[:t+1]) for t in [0, T-1): a [B, T-1] float32 array (teacher forcing).
-
-    Logits are divided by `temperature` before the log-softmax (GRPO scores under the sampling temperature).
-    With return_entropy, also the entropy [B, T-1] of each predictive distribution.
-    """
-    logits_BTV, _ = forward(params, tokens_BT, cfg, positions_BT=positions_BT, pad_mask_BT=pad_mask_BT,
-                            segment_ids_BT=segment_ids_BT, lora=lora)
-    logits_BTV = logits_BTV[:, :-1] / temperature
-    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-    lp_BT = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
-    if not return_entropy:
-        return lp_BT
-    ent_BT = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
-    return lp_BT, ent_BT

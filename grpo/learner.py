@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_jax.scoring import completion_logprobs
 from gemma_jax.sharding import place_train_state
-from grpo.loss import grpo_loss, policy_logprobs
+from grpo.loss import grpo_loss
 from grpo.rollout import rollout as do_rollout
 from lora.adapters import LoRA
 from sft.metrics import MetricsLogger
@@ -79,7 +80,7 @@ _MAXED, _MINNED = ("ratio_max",), ("ratio_min",)  # everything else: a token-wei
 
 
 def _micro_loss(lora, params, mb, norms, *, cfg, hp: GRPOHParams):
-    logp, ent = policy_logprobs(params, cfg, mb["prompt"], mb["prompt_mask"], mb["completion"],
+    logp, ent = completion_logprobs(params, cfg, mb["prompt"], mb["prompt_mask"], mb["completion"],
                                 mb["completion_mask"], lora=lora, temperature=hp.temperature, return_entropy=True)
     loss, m = grpo_loss(logp, mb["advantages"], mb["completion_mask"], old_logp_BC=mb.get("old_logp"),
                         ref_logp_BC=mb.get("ref_logp"), entropy_BC=ent, beta=hp.beta, epsilon=hp.epsilon,

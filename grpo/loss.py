@@ -10,8 +10,6 @@ its gradient against those functions on fixed arrays.
 import jax
 import jax.numpy as jnp
 
-from gemma_jax.model import forward_hidden, unembed
-
 # Tunix `loss_agg_mode` names. The first is the default (Tunix GRPOConfig default).
 LOSS_AGG_MODES = ("sequence-mean-token-mean", "token-mean", "sequence-mean-token-sum-norm",
                   "sequence-mean-token-scale", "seq-mean-token-sum")
@@ -19,40 +17,6 @@ LOSS_AGG_MODES = ("sequence-mean-token-mean", "token-mean", "sequence-mean-token
 KL_KINDS = ("k1", "k3")
 LOG_RATIO_CLIP = 20.0  # Tunix clips the log importance ratio to [-20, 20] before exp: exp(20) is still finite
 GSPO_LOG_RATIO_MAX = 10.0  # Tunix's cap on the GSPO-token log ratio
-
-
-def completion_logprobs(logits_BCV, completion_BC, temperature: float = 1.0, *, return_entropy: bool = False):
-    """log pi(c_t | prefix) of each completion token from the logits that predict it, after logits / temperature.
-
-    The temperature is the rollout's: the sampler drew tokens from softmax(logits / T), so the ratio and the KL
-    must be taken under that same distribution (REFERENCE.md §4; Tunix `compute_per_token_logps(temperature=)`).
-    With return_entropy, also the per-token entropy of softmax(logits / T) (Tunix `compute_entropy_from_logits`).
-    """
-    logits_BCV = logits_BCV.astype(jnp.float32)
-    if temperature not in (0.0, 1.0):  # Tunix skips the division at T = 0 (greedy) and T = 1
-        logits_BCV = logits_BCV / temperature
-    logp_BCV = jax.nn.log_softmax(logits_BCV, axis=-1)
-    lp_BC = jnp.take_along_axis(logp_BCV, completion_BC[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    if not return_entropy:
-        return lp_BC
-    return lp_BC, -jnp.sum(jnp.exp(logp_BCV) * logp_BCV, axis=-1)
-
-
-def policy_logprobs(params, cfg, prompt_BP, prompt_mask_BP, completion_BC, completion_mask_BC, *, lora=None,
-                    temperature: float = 1.0, return_entropy: bool = False):
-    """Per-token log-probs [B,C] of the completion given prompt + completion (teacher forcing), one forward pass.
-
-    The prompt is left-padded and the completion right-padded, so their concatenation has no holes; positions
-    count real tokens only. Only the C hidden states that predict completion tokens are unembedded (the [B,C,V]
-    logits, not [B,P+C,V]). lora=None gives the reference policy: the same base weights, adapters off.
-    """
-    P = prompt_BP.shape[1]
-    C = completion_BC.shape[1]
-    tokens_BT = jnp.concatenate([prompt_BP, completion_BC], axis=1)
-    mask_BT = jnp.concatenate([prompt_mask_BP, completion_mask_BC], axis=1).astype(bool)
-    h_BTD, _ = forward_hidden(params, tokens_BT, cfg, pad_mask_BT=mask_BT, lora=lora)
-    logits_BCV = unembed(params, h_BTD[:, P - 1:P + C - 1], cfg)
-    return completion_logprobs(logits_BCV, completion_BC, temperature, return_entropy=return_entropy)
 
 
 def kl_penalty(logp_BC, ref_logp_BC, kind: str = "k3"):

@@ -18,10 +18,9 @@ import time
 import jax
 import numpy as np
 
-from gemma_jax.model import token_logprobs
+from gemma_jax.scoring import completion_logprobs, token_logprobs
 from gemma_jax.sampler import bucket_length, generate
 from grpo.advantages import compute_advantages, zero_std_fraction
-from grpo.loss import policy_logprobs
 
 
 def record_system(record: dict) -> str:
@@ -55,7 +54,7 @@ def prompt_ids(record: dict, tokenizer, budget: int) -> list[int]:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "temperature"))
 def _logprobs_jit(params, lora, prompt, prompt_mask, completion, completion_mask, *, cfg, temperature):
-    return policy_logprobs(params, cfg, prompt, prompt_mask, completion, completion_mask, lora=lora,
+    return completion_logprobs(params, cfg, prompt, prompt_mask, completion, completion_mask, lora=lora,
                            temperature=temperature)
 
 

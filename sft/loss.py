@@ -11,26 +11,25 @@ count of the whole accumulated batch (k micro-batches then equal one big batch e
 instead averages the k per-micro-batch means, which differs when micro-batches hold different token counts).
 """
 
-import jax
 import jax.numpy as jnp
 
-from gemma_jax.model import forward
+from gemma_jax.model import forward_hidden
+from gemma_jax.scoring import target_logprobs
 
 
-def token_nll(logits_BTV, tokens_BT):
-    """-log p(tokens[:, t+1]) from logits[:, t]: [B, T-1] float32 (logsumexp form, no full log-softmax kept)."""
-    logits = logits_BTV[:, :-1].astype(jnp.float32)
-    target = jnp.take_along_axis(logits, tokens_BT[:, 1:, None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target
+def token_nll(lora, params, batch, cfg):
+    """-log p(tokens[:, t+1] | tokens[:, :t+1]): [B, T-1] float32, and the target mask [B, T-1]."""
+    h_BTD, _ = forward_hidden(params, batch["tokens"], cfg, positions_BT=batch.get("positions"),
+                              pad_mask_BT=batch.get("pad_mask"), segment_ids_BT=batch.get("segment_ids"), lora=lora)
+    nll_BT = -target_logprobs(params, h_BTD[:, :-1], batch["tokens"][:, 1:], cfg)
+    mask_BT = batch["loss_mask"][:, 1:]
+    # where(), not multiply: a masked position's NLL (even inf/nan from a padded row) contributes exactly zero.
+    return jnp.where(mask_BT, nll_BT, 0.0), mask_BT
 
 
 def nll_sum(lora, params, batch, cfg):
     """(sum of target-token NLL, number of target tokens) for one batch dict (see sft/batches.py)."""
-    logits_BTV, _ = forward(params, batch["tokens"], cfg, positions_BT=batch.get("positions"),
-                            pad_mask_BT=batch.get("pad_mask"), segment_ids_BT=batch.get("segment_ids"), lora=lora)
-    mask = batch["loss_mask"][:, 1:]
-    # where(), not multiply: a masked position's NLL (even inf/nan from a padded row) contributes exactly zero.
-    nll = jnp.where(mask, token_nll(logits_BTV, batch["tokens"]), 0.0)
+    nll, mask = token_nll(lora, params, batch, cfg)
     return jnp.sum(nll), jnp.sum(mask).astype(jnp.float32)
 
 
@@ -43,10 +42,7 @@ def sft_loss(lora, params, batch, cfg):
 def per_example_loss(lora, params, batch, cfg, num_segments: int):
     """Mean NLL per packed segment: [B, num_segments] (segments 1..n; 0 where a segment has no target tokens).
     Used to check that packing several examples in a row gives each the loss it has alone."""
-    logits_BTV, _ = forward(params, batch["tokens"], cfg, positions_BT=batch.get("positions"),
-                            pad_mask_BT=batch.get("pad_mask"), segment_ids_BT=batch.get("segment_ids"), lora=lora)
-    mask = batch["loss_mask"][:, 1:]
-    nll = jnp.where(mask, token_nll(logits_BTV, batch["tokens"]), 0.0)
+    nll, mask = token_nll(lora, params, batch, cfg)
     seg = batch["segment_ids"][:, 1:]
     onehot = seg[..., None] == jnp.arange(1, num_segments + 1)
     sums = jnp.einsum("BT,BTS->BS", nll, onehot.astype(nll.dtype))

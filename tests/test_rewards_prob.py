@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from gemma_jax.config import TINY
-from gemma_jax.model import forward, init_params, token_logprobs
+from gemma_jax.model import forward, init_params
+from gemma_jax.scoring import token_logprobs
 from rewards.prob import CLOSE, OPEN, ProbRewardConfig, ProbState, extract_reasoning, pair_key, prob_rewards
 from rewards.tags import render_completion
 

@@ -12,6 +12,7 @@ import pytest
 
 from gemma_jax.config import TINY
 from gemma_jax.model import forward, init_params
+from gemma_jax.scoring import logprobs_from_logits
 from lora.adapters import LoRA, init_lora
 from rewards.tags import render_completion
 from sft.batches import SFTData, encode_example, make_batch
@@ -136,10 +137,9 @@ def test_masked_positions_contribute_exactly_nothing(params, lora, batch):
     logits = _logits(params, lora, batch)
 
     def from_logits(lg):
-        from sft.loss import token_nll
-
         m = batch["loss_mask"][:, 1:]
-        return jnp.sum(jnp.where(m, token_nll(lg, batch["tokens"]), 0.0)) / jnp.sum(m)
+        nll = -logprobs_from_logits(lg[:, :-1], batch["tokens"][:, 1:])
+        return jnp.sum(jnp.where(m, nll, 0.0)) / jnp.sum(m)
 
     g = np.abs(np.asarray(jax.grad(from_logits)(logits))[:, :-1]).sum(-1)
     m = np.asarray(batch["loss_mask"])[:, 1:]
