@@ -16,8 +16,10 @@ one-query attention read every slot of the cache in every layer. Here instead:
   attends over them: the write is in place, because the old buffer has no other reader.
 - A local (sliding-window) layer only ever needs the last W slots, so when the cache would be longer than W its
   buffer is a ring of W slots: Gemma 2 alternates local and global layers, so half the layers read W slots
-  instead of the whole cache. Global layers read a buffer of the current capacity, which the sampler grows in
-  segments (`grow`) so that early steps do not read slots that cannot be filled yet.
+  instead of the whole cache (Gemma 3: five layers in six, from `cfg.is_local_layer`). Each layer applies its
+  own RoPE base/scaling and, for Gemma 3, QK-norm, through model._qkv. Global layers read a buffer of the
+  current capacity, which the sampler grows in segments (`grow`) so that early steps do not read slots that
+  cannot be filled yet.
 
 Slots and positions: the sampler left-pads every prompt to the same length P, so slot i of row r holds the token
 at position i - offset[r], where offset[r] is the row's number of padding slots; slot i is real iff
@@ -76,11 +78,11 @@ def grow(buffers, cfg: GemmaConfig, capacity: int):
     return tuple(out)
 
 
-def _attend_one(cfg, x_B1D, w, lora_layer, scale, pos_B1, k_BKHC, v_BKCH, col, real_BC):
+def _attend_one(cfg, x_B1D, w, lora_layer, scale, pos_B1, is_local, k_BKHC, v_BKCH, col, real_BC):
     """One layer's attention for one new token per row: write its key/value at column `col`, then attend over the
-    buffer's real columns. Returns (output [B,1,D], (k, v) buffers)."""
+    buffer's real columns. is_local (a Python bool) picks the layer's RoPE. Returns (output [B,1,D], (k, v))."""
     B = x_B1D.shape[0]
-    q_B1KGH, k_B1KH, v_B1KH = _qkv(cfg, x_B1D, w, lora_layer, scale, pos_B1)
+    q_B1KGH, k_B1KH, v_B1KH = _qkv(cfg, x_B1D, w, lora_layer, scale, pos_B1, is_local)
     k_BKHC = jax.lax.dynamic_update_slice(k_BKHC, jnp.transpose(k_B1KH, (0, 2, 3, 1)).astype(k_BKHC.dtype),
                                           (0, 0, 0, col))
     v_BKCH = jax.lax.dynamic_update_slice(v_BKCH, jnp.transpose(v_B1KH, (0, 2, 1, 3)).astype(v_BKCH.dtype),
@@ -105,15 +107,15 @@ def decode_step(params, layers, lora_layers, lora_scale, tok_B, index, offset_B,
     x_B1D = embed(params, tok_B[:, None], cfg)
     real = {}  # buffer length -> [B,C] mask of the columns holding real slots (at most two distinct lengths)
     new_buffers = []
-    for w, lora_layer, (k_BKHC, v_BKCH) in zip(layers, lora_layers, buffers):
+    for w, lora_layer, is_local, (k_BKHC, v_BKCH) in zip(layers, lora_layers, cfg.is_local_layer, buffers):
         C = v_BKCH.shape[2]
         if C not in real:
             slot_C = index - jnp.mod(index - jnp.arange(C), C)
             real[C] = slot_C[None, :] >= offset_B[:, None]
         col = jnp.mod(index, C)
 
-        def attend(h, w=w, lora_layer=lora_layer, k=k_BKHC, v=v_BKCH, C=C, col=col):
-            return _attend_one(cfg, h, w, lora_layer, lora_scale, pos_B1, k, v, col, real[C])
+        def attend(h, w=w, lora_layer=lora_layer, is_local=is_local, k=k_BKHC, v=v_BKCH, C=C, col=col):
+            return _attend_one(cfg, h, w, lora_layer, lora_scale, pos_B1, is_local, k, v, col, real[C])
 
         x_B1D, kv = _block(cfg, x_B1D, w, lora_layer, lora_scale, attend)
         new_buffers.append(kv)

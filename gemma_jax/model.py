@@ -1,4 +1,4 @@
-"""Gemma 1 and Gemma 2 in plain JAX: weight specs, init, KV cache, and the forward pass.
+"""Gemma 1, 2 and 3 (text) in plain JAX: weight specs, init, KV cache, and the forward pass.
 
 Dimension letters used in names and einsums throughout the project:
     B batch, T query length, S key length (cache capacity), D model width, N query heads, K kv heads,
@@ -8,11 +8,14 @@ Params are a plain dict pytree. Layer weights are stacked along a leading L axis
 `lax.scan` (compile time flat in depth):
     embed [V,D]; final_norm [D];
     layers: attn_norm [L,D], q [L,D,N,H], k [L,D,K,H], v [L,D,K,H], o [L,N,H,D], ffw_norm [L,D],
-            gate [L,D,F], up [L,D,F], down [L,F,D], and for Gemma 2 post_attn_norm [L,D], post_ffw_norm [L,D].
+            gate [L,D,F], up [L,D,F], down [L,F,D], and for Gemma 2 post_attn_norm [L,D], post_ffw_norm [L,D];
+            Gemma 3 adds q_norm [L,H], k_norm [L,H] (QK-norm, applied per head before RoPE).
 
 Numerics follow REFERENCE.md §1 (checked against transformers and Tunix in tests/): embedding scaled by
 sqrt(D) cast to the weight dtype, (1 + w) RMSNorm in float32, half-split RoPE, softcap before masking, a finite
 mask value, float32 softmax, a position-based sliding window (q - W < k <= q), tied and softcapped unembedding.
+Gemma 3 (transformers `models/gemma3/modeling_gemma3.py`): q/k RMSNorm then RoPE with the layer type's base and
+linear scaling; which layers are local comes from `cfg.is_local_layer`.
 """
 
 import dataclasses
@@ -55,6 +58,9 @@ def param_specs(cfg: GemmaConfig) -> dict:
     if cfg.use_post_norms:
         layers["post_attn_norm"] = norm
         layers["post_ffw_norm"] = norm
+    if cfg.use_qk_norm:  # replicated like every norm scale (sharding RULES["norm"])
+        layers["q_norm"] = ParamSpec((L, H), ("layers", "norm"), "zeros")
+        layers["k_norm"] = ParamSpec((L, H), ("layers", "norm"), "zeros")
     return {
         "embed": ParamSpec((V, D), ("vocab", "embed"), "embed", D),
         "final_norm": ParamSpec((D,), ("norm",), "zeros"),
@@ -120,11 +126,31 @@ def rms_norm(x, w, eps):
     return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
 
 
-def rope(x_BTNH, positions_BT, base):
-    """Rotary embedding, half-split layout: the first half of H pairs with the second half."""
-    H = x_BTNH.shape[-1]
+def rope_inv_freq(cfg: GemmaConfig, local: bool) -> np.ndarray:
+    """RoPE inverse frequencies [H/2] (float32) of a local or global layer: base ** (-2i / H), divided by the
+    linear scaling factor on global layers (HF `_compute_linear_scaling_rope_parameters`; Tunix `apply_rope`
+    divides the angle by `scale_factor`, the same product)."""
+    H = cfg.head_dim
+    base = cfg.rope_local_base if local and cfg.rope_local_base is not None else cfg.rope_base
     inv_freq = base ** (-np.arange(0, H, 2, dtype=np.float32) / H)
-    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    factor = 1.0 if local else cfg.rope_scaling
+    return inv_freq if factor == 1.0 else (inv_freq / np.float32(factor)).astype(np.float32)
+
+
+def layer_inv_freq(cfg: GemmaConfig, is_local):
+    """rope_inv_freq of a layer whose locality is a Python bool (unrolled layers) or a traced one (the scan)."""
+    local, glob = rope_inv_freq(cfg, True), rope_inv_freq(cfg, False)
+    if np.array_equal(local, glob):  # Gemma 1/2: one RoPE for every layer
+        return glob
+    if isinstance(is_local, (bool, np.bool_)):
+        return local if is_local else glob
+    return jnp.where(is_local, local, glob)
+
+
+def rope(x_BTNH, positions_BT, inv_freq_h):
+    """Rotary embedding, half-split layout: the first half of H pairs with the second half.
+    inv_freq_h [H/2]: from `rope_inv_freq` (base and scaling of the layer)."""
+    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h
     sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
@@ -222,9 +248,11 @@ def _weighted_values(p_BKGTS, v_BSKH):
     return jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
 
 
-def _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT):
-    """Projections of one layer with RoPE: (queries [B,T,K,G,H] times the query scale, keys [B,T,K,H], values
-    [B,T,K,H]). Query heads are grouped over kv heads: N = K * G (MQA when K = 1, GQA otherwise)."""
+def _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local):
+    """Projections of one layer with (Gemma 3) QK-norm and RoPE: (queries [B,T,K,G,H] times the query scale,
+    keys [B,T,K,H], values [B,T,K,H]). Query heads are grouped over kv heads: N = K * G (MQA when K = 1, GQA
+    otherwise). is_local: whether this layer is a sliding-window layer (a bool or a traced scalar); it picks the
+    RoPE base and scaling."""
     B, T, _ = x_BTD.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q_BTNH = _project("q", "BTD,DNH->BTNH", x_BTD, w["q"], lora_layer, scale)
@@ -233,14 +261,18 @@ def _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT):
     kv_delta = lora_delta("kv", x_BTD, lora_layer, scale)
     if kv_delta is not None:
         k_BTKH, v_BTKH = k_BTKH + kv_delta[0], v_BTKH + kv_delta[1]
-    q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_base)
-    k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_base)
+    if cfg.use_qk_norm:  # over H, per head, before RoPE (HF Gemma3Attention, Tunix _query_norm/_key_norm)
+        q_BTNH = rms_norm(q_BTNH, w["q_norm"], cfg.norm_eps)
+        k_BTKH = rms_norm(k_BTKH, w["k_norm"], cfg.norm_eps)
+    inv_freq_h = layer_inv_freq(cfg, is_local)
+    q_BTNH = rope(q_BTNH, positions_BT, inv_freq_h)
+    k_BTKH = rope(k_BTKH, positions_BT, inv_freq_h)
     q_BTNH = q_BTNH * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
     return q_BTNH.reshape(B, T, K, N // K, H), k_BTKH, v_BTKH
 
 
-def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache_BSKH=None, v_cache_BSKH=None,
-               mask_new_BTT=None):
+def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, mask_BTS, k_cache_BSKH=None,
+               v_cache_BSKH=None, mask_new_BTT=None):
     """Self-attention of one layer; returns (output, this step's keys [B,T,K,H], values [B,T,K,H]).
 
     Without a cache the T tokens attend to each other under mask_BTS [B,T,T]. With a cache the queries attend to
@@ -249,7 +281,7 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, mask_BTS, k_cache
     here, inside the layer scan, made XLA copy the whole cache every layer: ~3x slower decoding.)
     """
     B, T, _ = x_BTD.shape
-    q_BTKGH, k_BTKH, v_BTKH = _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT)
+    q_BTKGH, k_BTKH, v_BTKH = _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local)
     if k_cache_BSKH is not None:
         # Round-trip through the cache dtype, so this step sees exactly what later steps will read back.
         k_BTKH, v_BTKH = k_BTKH.astype(k_cache_BSKH.dtype), v_BTKH.astype(v_cache_BSKH.dtype)
@@ -354,7 +386,8 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
         masks = tuple(jnp.where(is_local, ml, mg) for ml, mg in zip(masks_l, masks_g))
 
         def attend(h):
-            out, k_new, v_new = _attention(cfg, h, w, lora_layer, scale, positions_BT, masks[0], k_c, v_c, *masks[1:])
+            out, k_new, v_new = _attention(cfg, h, w, lora_layer, scale, positions_BT, is_local, masks[0], k_c, v_c,
+                                           *masks[1:])
             return out, (k_new, v_new)
 
         x, (k_new, v_new) = _block(cfg, x, w, lora_layer, scale, attend)
