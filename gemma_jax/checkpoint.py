@@ -12,7 +12,13 @@ HF names (REFERENCE.md §2), linear weights stored [out, in]; ours are [in, ...o
     Gemma 1: input_layernorm -> attn_norm, post_attention_layernorm -> ffw_norm
     Gemma 2: input_layernorm -> attn_norm, post_attention_layernorm -> post_attn_norm,
              pre_feedforward_layernorm -> ffw_norm, post_feedforward_layernorm -> post_ffw_norm
+    Gemma 3: as Gemma 2, plus model.layers.{i}.self_attn.q_norm / k_norm [H] -> q_norm[i] / k_norm[i] [H].
     lm_head.weight: accepted only when equal to the embedding (Gemma ties them).
+    Gemma3ForConditionalGeneration (multimodal) files hold the text tower under `language_model.model.` (what
+    transformers 5 writes and the Hub files use) or `model.language_model.` (its in-memory names), plus
+    `vision_tower.*` / `multi_modal_projector.*`, which are skipped (one log line says how many). Its embedding has
+    the config's vocab_size rows (262,208: image tokens padded in); we keep the first image_token_index (262,144)
+    rows, the text vocabulary (config_from_hf), and save_hf writes a text-only Gemma3ForCausalLM with those.
 
 Kaggle names, as Tunix 0.1.7 `tunix/models/gemma/params.py` + `Gemma.from_params` read them (orbax PyTree whose
 top-level keys are slash-joined module paths, leaves `w` / `scale` / `input_embedding`):
@@ -46,6 +52,10 @@ from gemma_jax.model import param_specs
 _ST_TO_NP = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
 _NP_TO_ST = {v.name: k for k, v in _ST_TO_NP.items()}
 _FLOAT_NAMES = ("float32", "bfloat16", "float16")
+# Gemma3ForConditionalGeneration: text-tower prefixes (-> "model."), and the prefixes of what we skip.
+_TEXT_TOWER_PREFIXES = ("language_model.model.", "model.language_model.")
+_TEXT_TOWER_LM_HEAD = ("language_model.lm_head.weight", "lm_head.weight")
+_NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 TUNIX_PADDED_VOCAB = 256_128  # Tunix's embedding rows for real Gemma checkpoints
 GEMMA_VOCAB = 256_000  # the real tokenizer's vocabulary
 
@@ -84,8 +94,9 @@ def _to_jax(params: dict) -> dict:
 # Hugging Face safetensors
 
 
-def _hf_name_map(cfg: GemmaConfig) -> dict:
-    """HF tensor name -> (our layer key or top-level key, layer index or None, HF shape). The one name map."""
+def _hf_name_map(cfg: GemmaConfig, embed_rows: int | None = None) -> dict:
+    """HF tensor name -> (our layer key or top-level key, layer index or None, HF shape). The one name map.
+    embed_rows: rows of the file's embedding when it is padded past cfg.vocab_size (Gemma 3 multimodal)."""
     D, F, N, K, H = cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     per_layer = {
         "self_attn.q_proj.weight": ("q", (N * H, D)),
@@ -105,7 +116,10 @@ def _hf_name_map(cfg: GemmaConfig) -> dict:
         })
     else:
         per_layer["post_attention_layernorm.weight"] = ("ffw_norm", (D,))
-    out = {"model.embed_tokens.weight": ("embed", None, (cfg.vocab_size, D)),
+    if cfg.use_qk_norm:
+        per_layer["self_attn.q_norm.weight"] = ("q_norm", (H,))
+        per_layer["self_attn.k_norm.weight"] = ("k_norm", (H,))
+    out = {"model.embed_tokens.weight": ("embed", None, (embed_rows or cfg.vocab_size, D)),
            "model.norm.weight": ("final_norm", None, (D,))}
     for i in range(cfg.num_layers):
         for suffix, (ours, shape) in per_layer.items():
@@ -182,9 +196,31 @@ def _hf_tensor_files(path: str) -> dict:
     return out
 
 
+def _text_tower(files: dict, path: str) -> dict:
+    """A Gemma3ForConditionalGeneration file's tensors renamed to Gemma3ForCausalLM names (module docstring);
+    the vision tower and projector are dropped, with one printed line. Each entry gains the stored name:
+    new name -> (file, header entry, name in the file)."""
+    out, skipped = {}, 0
+    for name, entry in files.items():
+        prefix = next((p for p in _TEXT_TOWER_PREFIXES if name.startswith(p)), None)
+        if prefix is not None:
+            out["model." + name[len(prefix):]] = (*entry, name)
+        elif name in _TEXT_TOWER_LM_HEAD:
+            out["lm_head.weight"] = (*entry, name)
+        elif name.startswith(_NON_TEXT_PREFIXES):
+            skipped += 1
+        else:
+            raise ValueError(f"tensor {name!r} in {entry[0]}: neither the text tower ({_TEXT_TOWER_PREFIXES}) nor "
+                             f"the vision tower ({_NON_TEXT_PREFIXES}) of a Gemma 3 multimodal checkpoint")
+    print(f"load_hf: {path}: multimodal Gemma 3, read the text tower ({len(out)} tensors), skipped {skipped} "
+          "vision tensors")
+    return out
+
+
 def load_hf(path, dtype=None) -> tuple[GemmaConfig, dict]:
-    """(cfg, params) from a Hugging Face Gemma / Gemma 2 safetensors folder, cast to `dtype` (default: the
-    config's dtype). Peak memory: the model in `dtype` plus one tensor."""
+    """(cfg, params) from a Hugging Face Gemma / Gemma 2 / Gemma 3 (text, or the text tower of a multimodal
+    Gemma 3) safetensors folder, cast to `dtype` (default: the config's dtype). Peak memory: the model in `dtype`
+    plus one tensor."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -192,11 +228,20 @@ def load_hf(path, dtype=None) -> tuple[GemmaConfig, dict]:
         raise FileNotFoundError(f"Hugging Face checkpoint folder not found: {path}")
     cfg = config_from_hf(path, param_dtype=_dtype_name(dtype))
     files = _hf_tensor_files(path)
-    expected = _hf_name_map(cfg)
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    embed_rows, stored = None, {}
+    if raw.get("model_type") == "gemma3":
+        files = _text_tower(files, path)
+        stored = {name: entry[2] for name, entry in files.items()}
+        files = {name: entry[:2] for name, entry in files.items()}
+        embed_rows = int(raw["text_config"]["vocab_size"])
+    expected = _hf_name_map(cfg, embed_rows)
     unknown = sorted(n for n in files if n not in expected and n != "lm_head.weight")
     if unknown:
+        kind = "Gemma 3" if cfg.use_qk_norm else "Gemma 2" if cfg.use_post_norms else "Gemma"
         raise ValueError(f"{path}: unknown tensor(s) {unknown[:5]} in {sorted({files[n][0] for n in unknown})}; "
-                         f"not part of a {'Gemma 2' if cfg.use_post_norms else 'Gemma'} model per config.json")
+                         f"not part of a {kind} model per config.json")
     missing = [n for n in expected if n not in files]
     if missing:
         looked = sorted({f for f, _ in files.values()})
@@ -206,8 +251,8 @@ def load_hf(path, dtype=None) -> tuple[GemmaConfig, dict]:
             raise ValueError(f"tensor {name!r} in {file}: dtype {info['dtype']} not supported (F32, BF16 or F16)")
         want = expected[name][2] if name in expected else expected["model.embed_tokens.weight"][2]
         if tuple(info["shape"]) != want:
-            raise ValueError(f"tensor {name!r} in {file}: shape {tuple(info['shape'])}, expected {want} "
-                             f"for the config.json in {path}")
+            raise ValueError(f"tensor {stored.get(name, name)!r} in {file}: shape {tuple(info['shape'])}, "
+                             f"expected {want} for the config.json in {path}")
 
     params = _empty_params(cfg)
     by_file = {}
@@ -221,10 +266,11 @@ def load_hf(path, dtype=None) -> tuple[GemmaConfig, dict]:
                         continue  # checked below, once the embedding is in
                     ours, i, _ = expected[name]
                     target = params["layers"][ours] if i is not None else params[ours]
+                    w = f.get_tensor(stored.get(name, name))
                     if i is None:
-                        target[...] = f.get_tensor(name)
+                        target[...] = w[: target.shape[0]]  # the embedding: drop padded rows (Gemma 3 multimodal)
                     else:
-                        target[i] = _hf_to_ours(f.get_tensor(name), target.shape[1:])
+                        target[i] = _hf_to_ours(w, target.shape[1:])
         except Exception as e:  # safetensors raises its own SafetensorError on bad files
             if isinstance(e, ValueError):
                 raise
@@ -232,7 +278,8 @@ def load_hf(path, dtype=None) -> tuple[GemmaConfig, dict]:
     if "lm_head.weight" in files:
         file = files["lm_head.weight"][0]
         with safe_open(file, framework="numpy") as f:
-            if not np.array_equal(f.get_tensor("lm_head.weight").astype(params["embed"].dtype), params["embed"]):
+            head = f.get_tensor(stored.get("lm_head.weight", "lm_head.weight"))[: cfg.vocab_size]
+            if not np.array_equal(head.astype(params["embed"].dtype), params["embed"]):
                 raise ValueError(f"tensor 'lm_head.weight' in {file}: differs from model.embed_tokens.weight; "
                                  "Gemma ties the output projection to the embedding")
     return cfg, _to_jax(params)
@@ -257,8 +304,9 @@ def _write_safetensors(file: str, entries: list) -> None:
 
 
 def save_hf(path, cfg: GemmaConfig, params: dict) -> None:
-    """Write `model.safetensors` + `config.json` that transformers' AutoModelForCausalLM loads as the same model.
-    Tensors keep the params' dtype (bf16 params are saved as BF16)."""
+    """Write `model.safetensors` + `config.json` that transformers' AutoModelForCausalLM loads as the same model
+    (GemmaForCausalLM, Gemma2ForCausalLM or Gemma3ForCausalLM, with cfg.vocab_size embedding rows). Tensors keep
+    the params' dtype (bf16 params are saved as BF16)."""
     path = os.fspath(path)
     dtype = _dtype_name(params["embed"].dtype)
     np_dtype = _ST_TO_NP[_NP_TO_ST[dtype]]
@@ -282,7 +330,7 @@ def save_hf(path, cfg: GemmaConfig, params: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Kaggle Flax / orbax
+# Kaggle Flax / orbax (Gemma 1 and 2 only: Gemma 3's Kaggle layout, Tunix `models/gemma3/params.py`, is not read)
 
 
 def _orbax_leaves(path: str) -> dict:
