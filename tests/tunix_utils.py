@@ -87,3 +87,55 @@ class IdTokenizer:
 
     def pad_id(self):
         return 0
+
+
+def to_tunix_gemma3(params, cfg):
+    """Tunix's Gemma 3 (`tunix.models.gemma3.model.Gemma3`, text only, float32) holding our weights.
+
+    Tunix fixes the layer pattern (5 sliding : 1 global, cycled) and derives the query scale from head_dim or
+    embed_dim // num_heads, so the config must have sliding_window_pattern 6 and one of those two scalars.
+    Layout as in `to_tunix`, plus `_query_norm` / `_key_norm` scales and `post_attention_norm`."""
+    from tunix.models.gemma3 import model as tunix_gemma3
+
+    qpa = tunix_gemma3.QueryPreAttentionNormalisation
+    if cfg.query_pre_attn_scalar == cfg.head_dim:
+        norm = qpa.BY_ONE_OVER_SQRT_HEAD_DIM
+    elif cfg.query_pre_attn_scalar == cfg.embed_dim // cfg.num_heads:
+        norm = qpa.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS
+    else:
+        raise ValueError("Tunix's Gemma 3 query scale is head_dim**-0.5 or (embed_dim // num_heads)**-0.5")
+    if cfg.sliding_window_pattern != 6 or cfg.layer_types is not None:
+        raise ValueError("Tunix's Gemma 3 cycles 5 sliding : 1 global layers: use sliding_window_pattern 6")
+    tcfg = tunix_gemma3.ModelConfig(
+        num_layers=cfg.num_layers, num_embed=cfg.vocab_size, embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
+        num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
+        sliding_window_size=cfg.sliding_window, local_base_frequency=int(cfg.rope_local_base),
+        global_base_frequency=int(cfg.rope_base), global_scale_factor=cfg.rope_scaling, query_pre_attn_norm=norm,
+        param_dtype=jnp.float32,
+    )
+    model = tunix_gemma3.Gemma3(tcfg, rngs=nnx.Rngs(params=0))
+    p = lambda x: jnp.asarray(np.asarray(x, np.float32))  # noqa: E731
+    lay = params["layers"]
+    model.embedder.input_embedding.value = p(params["embed"])
+    model.final_norm.scale.value = p(params["final_norm"])
+    for i, layer in enumerate(model.layers):
+        attn = layer.attn
+        q_NDH = np.transpose(np.asarray(lay["q"][i]), (1, 0, 2))
+        k_KDH = np.transpose(np.asarray(lay["k"][i]), (1, 0, 2))
+        v_KDH = np.transpose(np.asarray(lay["v"][i]), (1, 0, 2))
+        if attn.use_qkv_einsum:
+            attn.qkv_einsum.w.value = p(np.stack([q_NDH, k_KDH, v_KDH]))
+        else:
+            attn.q_einsum.w.value = p(q_NDH)
+            attn.kv_einsum.w.value = p(np.stack([k_KDH, v_KDH]))
+        attn.attn_vec_einsum.w.value = p(lay["o"][i])
+        attn._query_norm.scale.value = p(lay["q_norm"][i])
+        attn._key_norm.scale.value = p(lay["k_norm"][i])
+        layer.mlp.gate_proj.kernel.value = p(lay["gate"][i])
+        layer.mlp.up_proj.kernel.value = p(lay["up"][i])
+        layer.mlp.down_proj.kernel.value = p(lay["down"][i])
+        layer.pre_attention_norm.scale.value = p(lay["attn_norm"][i])
+        layer.post_attention_norm.scale.value = p(lay["post_attn_norm"][i])
+        layer.pre_ffw_norm.scale.value = p(lay["ffw_norm"][i])
+        layer.post_ffw_norm.scale.value = p(lay["post_ffw_norm"][i])
+    return model

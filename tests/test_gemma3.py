@@ -1,0 +1,283 @@
+"""Gemma 3 text models: parity with transformers' Gemma3ForCausalLM (and the text tower of
+Gemma3ForConditionalGeneration) through files it saved, with Tunix's Gemma 3, our save_hf read back by
+transformers, the KV-cache and sampler paths, parameter counts of the full-size presets, loader errors.
+
+Tiny configs: 7 layers with pattern 6 (layers 0-4 and 6 sliding, 5 global), window 8 < T = 20, random weights
+including every norm and the q/k norms, query_pre_attn_scalar 24 != head_dim 16, GQA and MQA, RoPE scaling on
+(x8 on the global layer) and off, one left-padded row.
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+from tunix_utils import to_tunix_gemma3, tunix_logits
+
+import gemma_jax as g
+from gemma_jax import config as C
+from gemma_jax import decode
+from gemma_jax.config import config_from_hf, config_to_hf
+from gemma_jax.model import abstract_params, count_params, forward, init_cache, init_params
+from gemma_jax.sampler import generate
+
+T = 20
+CASES = {"gqa_scaled": C.TINY_GEMMA3,
+         "mqa_unscaled": dataclasses.replace(C.TINY_GEMMA3, num_kv_heads=1, rope_scaling=1.0)}
+
+
+def _hf_config(cfg, **extra):
+    d = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    return Gemma3TextConfig(**{**d, **extra})
+
+
+def _randomize(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # non-zero norms: a missing `1 + w` or swapped norm shows
+            p.normal_(0, 0.3 if "norm" in name else 0.2)
+    return model.eval()
+
+
+def _batch(vocab=512, pad=5):
+    tokens = np.random.RandomState(0).randint(4, vocab, size=(2, T))
+    mask = np.ones((2, T), bool)
+    mask[1, :pad] = False
+    tokens[1, :pad] = 0
+    return tokens, mask
+
+
+def _hf_logits(model, tokens, mask):
+    positions = np.maximum(mask.cumsum(1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
+                    position_ids=torch.tensor(positions))
+    return out.logits.float().numpy()
+
+
+def _ours(params, cfg, tokens, mask):
+    return np.asarray(forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask))[0])
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def hf_case(request, tmp_path_factory):
+    cfg = CASES[request.param]
+    model = _randomize(Gemma3ForCausalLM(_hf_config(cfg, attn_implementation="eager")), seed=1)
+    path = str(tmp_path_factory.mktemp(f"hf3_{request.param}"))
+    model.save_pretrained(path)
+    return cfg, model, path
+
+
+def test_config_reads_back_as_the_preset(hf_case):
+    cfg, _, path = hf_case
+    assert config_from_hf(path) == dataclasses.replace(cfg, query_pre_attn_scalar=24.0)
+    assert cfg.is_local_layer == (True,) * 5 + (False, True)
+
+
+def test_load_hf_matches_transformers_logits(hf_case):
+    cfg, model, path = hf_case
+    got_cfg, params = g.load_checkpoint(path)
+    assert params["layers"]["q_norm"].shape == (7, 16)
+    tokens, mask = _batch()
+    diff = np.abs(_ours(params, got_cfg, tokens, mask) - _hf_logits(model, tokens, mask))[mask].max()
+    assert diff <= 1e-4, diff
+
+
+def test_rope_scaling_and_local_base_matter(hf_case):
+    """Dropping the scaling (or using one base everywhere) changes the logits far beyond the tolerance."""
+    cfg, model, path = hf_case
+    _, params = g.load_checkpoint(path)
+    tokens, mask = _batch()
+    ref = _hf_logits(model, tokens, mask)
+    wrong = dataclasses.replace(cfg, rope_local_base=None) if cfg.rope_scaling == 1.0 else \
+        dataclasses.replace(cfg, rope_scaling=1.0)
+    assert np.abs(_ours(params, wrong, tokens, mask) - ref)[mask].max() > 1e-2
+
+
+def _params_with_norms(cfg, seed):
+    params = init_params(cfg, seed)
+    rng = np.random.RandomState(seed)
+    layers = {k: (jnp.asarray(0.3 * rng.randn(*v.shape), v.dtype) if "norm" in k else v)
+              for k, v in params["layers"].items()}
+    return {**params, "final_norm": jnp.asarray(0.3 * rng.randn(cfg.embed_dim), jnp.float32), "layers": layers}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_save_hf_loads_in_transformers_with_same_logits(name, tmp_path):
+    cfg = CASES[name]
+    params = _params_with_norms(cfg, 3)
+    g.save_hf(tmp_path, cfg, params)
+    assert json.load(open(tmp_path / "config.json"))["model_type"] == "gemma3_text"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    tokens, mask = _batch()
+    diff = np.abs(_ours(params, cfg, tokens, mask) - _hf_logits(model, tokens, mask))[mask].max()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_tunix_gemma3(name):
+    """Unpadded rows: Tunix's prefill sliding-window mask is built on token indices (`jnp.triu`/`jnp.tril` in
+    tunix/models/gemma3/model.py), which equal positions only without left padding."""
+    cfg = CASES[name]
+    params = _params_with_norms(cfg, 5)
+    tokens = np.random.RandomState(1).randint(4, 512, size=(2, T))
+    ours = _ours(params, cfg, tokens, np.ones(tokens.shape, bool))
+    theirs = tunix_logits(to_tunix_gemma3(params, cfg), tokens)
+    diff = np.abs(ours - theirs).max()
+    assert diff <= 1e-4, diff
+
+
+def test_multimodal_text_tower_loads(tmp_path, capsys):
+    """A Gemma3ForConditionalGeneration file: the text tower is read (vision skipped, one log line), the embedding
+    padded past image_token_index (512 + 64 rows) is cut to the text vocabulary, logits equal HF's on it."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = _hf_config(C.TINY_GEMMA3, vocab_size=576).to_dict()
+    mm = Gemma3Config(text_config=text, image_token_index=512, mm_tokens_per_image=4,
+                      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=28, patch_size=14))
+    model = _randomize(Gemma3ForConditionalGeneration(mm), seed=2)
+    model.config._attn_implementation = "eager"
+    model.save_pretrained(tmp_path)
+    cfg, params = g.load_checkpoint(tmp_path)
+    log = capsys.readouterr().out
+    n_vision = sum(1 for n, _ in model.state_dict().items() if "vision_tower" in n or "multi_modal" in n)
+    assert f"skipped {n_vision} vision tensors" in log and n_vision > 10
+    assert cfg.vocab_size == 512 and params["embed"].shape == (512, 96)
+    tokens, mask = _batch()
+    ref = _hf_logits(model, tokens, mask)[..., :512]
+    diff = np.abs(_ours(params, cfg, tokens, mask) - ref)[mask].max()
+    assert diff <= 1e-4, diff
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward():
+    cfg = C.TINY_GEMMA3
+    params = _params_with_norms(cfg, 6)
+    tokens, mask = _batch()
+    full = _ours(params, cfg, tokens, mask)
+    cache = init_cache(cfg, 2, T)
+    logits_a, cache = forward(params, jnp.asarray(tokens[:, :12]), cfg, pad_mask_BT=jnp.asarray(mask[:, :12]),
+                              cache=cache)
+    steps = [logits_a]
+    for t in range(12, T):
+        lg, cache = forward(params, jnp.asarray(tokens[:, t:t + 1]), cfg, cache=cache)
+        steps.append(lg)
+    got = np.concatenate([np.asarray(s) for s in steps], axis=1)
+    assert np.abs(got - full)[mask].max() <= 1e-4
+
+
+def test_decode_buffers_follow_the_layer_pattern():
+    assert decode.buffer_lengths(C.TINY_GEMMA3, 30) == (8, 8, 8, 8, 8, 30, 8)
+
+
+def test_greedy_equals_transformers_generate_left_padded(hf_case):
+    """More new tokens (14) than the window (8), prompts of 3 and 6 tokens left-padded in one batch."""
+    cfg, model, path = hf_case
+    _, params = g.load_checkpoint(path)
+    prompts = [[2, 17, 99, 45, 300, 8], [2, 77, 5]]
+    N = 14
+    out = generate(params, cfg, prompts, max_new_tokens=N, temperature=0.0, stop_ids=(1,))
+    P = max(map(len, prompts))
+    ids = np.zeros((2, P), np.int64)
+    am = np.zeros((2, P), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):], am[i, P - len(p):] = p, 1
+    with torch.no_grad():
+        ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am), max_new_tokens=N,
+                             do_sample=False, pad_token_id=0, eos_token_id=1)[:, P:].numpy()
+    ref = np.pad(ref, ((0, 0), (0, N - ref.shape[1])))
+    assert np.array_equal(out.tokens, ref), (out.tokens, ref)
+
+
+PRESETS = {"270m": C.GEMMA3_270M, "1b": C.GEMMA3_1B, "4b": C.GEMMA3_4B, "12b": C.GEMMA3_12B, "27b": C.GEMMA3_27B}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_param_count_equals_transformers(name):
+    cfg = PRESETS[name]
+    ours = count_params(jax.eval_shape(lambda: abstract_params(cfg)))
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(_hf_config(cfg))
+    theirs = sum(p.numel() for p in model.parameters())
+    assert ours == theirs, (ours, theirs)
+    if name == "1b":
+        assert ours == 999_885_952  # google/gemma-3-1b-it as published
+    if name == "270m":
+        assert ours == 268_098_176  # google/gemma-3-270m as published
+
+
+def test_presets_layer_patterns():
+    assert C.GEMMA3_27B.is_local_layer.count(False) == 10  # layers 5, 11, ..., 59
+    assert [i for i, loc in enumerate(C.GEMMA3_4B.is_local_layer) if not loc] == [5, 11, 17, 23, 29]
+    assert (C.GEMMA3_27B.query_pre_attn_scalar, C.GEMMA3_27B.head_dim, C.GEMMA3_4B.rope_scaling) == (168, 128, 8.0)
+    explicit = dataclasses.replace(C.TINY_GEMMA3, sliding_window_pattern=0,
+                                   layer_types=["full_attention"] + ["sliding_attention"] * 6)
+    assert explicit.is_local_layer == (False,) + (True,) * 6
+    assert g.TINY.is_local_layer == (True, False, True, False)  # Gemma 2 unchanged
+
+
+OLD_1B = {  # google/gemma-3-1b-it's config.json (pre-transformers-5 layout), at tiny size
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": False,
+    "attention_dropout": 0.0, "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid",
+    "eos_token_id": [1, 106], "final_logit_softcapping": None, "head_dim": 16, "hidden_activation":
+    "gelu_pytorch_tanh", "hidden_size": 96, "initializer_range": 0.02, "intermediate_size": 128,
+    "max_position_embeddings": 32768, "num_attention_heads": 4, "num_hidden_layers": 7, "num_key_value_heads": 1,
+    "pad_token_id": 0, "query_pre_attn_scalar": 24, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "rope_theta": 1000000, "sliding_window": 8,
+    "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 512,
+}
+
+
+def test_config_from_hf_older_gemma3_layout():
+    cfg = config_from_hf(OLD_1B)
+    assert cfg == dataclasses.replace(CASES["gqa_scaled"], num_kv_heads=1, param_dtype="bfloat16")
+    with pytest.raises(ValueError, match="RoPE type 'dynamic'"):
+        config_from_hf({**OLD_1B, "rope_scaling": {"factor": 2.0, "rope_type": "dynamic"}})
+
+
+def _saved(tmp_path, cfg):
+    g.save_hf(tmp_path, cfg, init_params(cfg, 0))
+    return str(tmp_path / "model.safetensors")
+
+
+def test_missing_q_norm_names_tensor_and_file(tmp_path):
+    file = _saved(tmp_path, C.TINY_GEMMA3)
+    tensors = load_file(file)
+    del tensors["model.layers.3.self_attn.q_norm.weight"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) \['model.layers.3.self_attn.q_norm.weight'\]"
+                                         r".*model.safetensors"):
+        g.load_checkpoint(tmp_path)
+
+
+def test_wrong_shape_k_norm_names_tensor_and_file(tmp_path):
+    file = _saved(tmp_path, C.TINY_GEMMA3)
+    tensors = load_file(file)
+    tensors["model.layers.5.self_attn.k_norm.weight"] = np.zeros(8, np.float32)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.5.self_attn.k_norm.weight' in .*model.safetensors: "
+                                         r"shape \(8,\), expected \(16,\)"):
+        g.load_checkpoint(tmp_path)
+
+
+def test_qk_norms_only_with_qk_norm_and_replicated():
+    from gemma_jax.sharding import make_mesh, param_shardings
+
+    assert "q_norm" not in abstract_params(g.TINY)["layers"]
+    mesh = make_mesh("fsdp=4,tp=2")
+    sh = param_shardings(C.TINY_GEMMA3, mesh)
+    assert sh["layers"]["q_norm"].spec == sh["layers"]["k_norm"].spec == jax.sharding.PartitionSpec(None, None)
+    assert sh["layers"]["q"].spec != jax.sharding.PartitionSpec(None, None, None, None)
+
+
+def test_gemma2_config_cannot_carry_gemma3_fields():
+    with pytest.raises(ValueError, match="at most one of"):
+        dataclasses.replace(g.TINY, sliding_window_pattern=6)
+    with pytest.raises(ValueError, match="need use_qk_norm"):
+        config_to_hf(dataclasses.replace(g.TINY, rope_scaling=8.0))
