@@ -1,8 +1,10 @@
 """SentencePiece tokenizer wrapper with Gemma's special ids and the Gemma chat template.
 
-Gemma ids: pad 0, eos 1, bos 2, unk 3, `<start_of_turn>` 106 and `<end_of_turn>` 107 in the real vocabulary.
-We look the turn markers up by piece, so a small test tokenizer with the same special layout works too.
-Gemma-2-IT stops on eos OR `<end_of_turn>`; both are in `stop_ids`.
+Gemma ids: pad 0, eos 1, bos 2, unk 3; `<start_of_turn>` / `<end_of_turn>` are 106 / 107 in the Gemma 1-2
+vocabulary and 105 / 106 in Gemma 3's. We look the turn markers up by piece (never by id), so either vocabulary and
+a small test tokenizer work. Gemma-2-IT and Gemma-3-IT stop on eos OR `<end_of_turn>`; both are in `stop_ids`.
+Gemma 1, 2 and 3 share the turn format and have no system role: Gemma 3's HF chat template prepends the system
+text plus a blank line to the first user turn, which is what `chat_prompt` does for all three.
 """
 
 import os

@@ -281,3 +281,26 @@ def test_gemma2_config_cannot_carry_gemma3_fields():
         dataclasses.replace(g.TINY, sliding_window_pattern=6)
     with pytest.raises(ValueError, match="need use_qk_norm"):
         config_to_hf(dataclasses.replace(g.TINY, rope_scaling=8.0))
+
+
+def test_tokenizer_reads_gemma3_turn_ids_from_pieces(tmp_path):
+    """Turn markers at other ids than in tests/conftest.py's tokenizer (an extra piece in front, as Gemma 3's
+    105/106 differ from Gemma 2's 106/107): the ids come from the pieces, and the chat text is Gemma 3's template
+    (system text + blank line prepended to the first user turn)."""
+    import sentencepiece as spm
+
+    from gemma_jax.tokenizer import Tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"Question {i}: what is {i} plus {i}? The answer is {2 * i}." for i in range(300)))
+    spm.SentencePieceTrainer.Train(
+        input=str(corpus), model_prefix=str(tmp_path / "t"), vocab_size=300, model_type="bpe", pad_id=0, eos_id=1,
+        bos_id=2, unk_id=3, user_defined_symbols=["<start_of_image>", "<start_of_turn>", "<end_of_turn>"],
+        byte_fallback=True, num_threads=1, minloglevel=2, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False)
+    tok = Tokenizer(str(tmp_path / "t.model"))
+    assert (tok.start_of_turn_id, tok.end_of_turn_id, tok.stop_ids) == (5, 6, (1, 6))
+    assert tok.chat_prompt("Hi", system="Be brief.") == \
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    ids = tok.encode_chat("Hi", system="Be brief.")
+    assert ids[:2] == [2, 5] and ids.count(5) == 2 and ids.count(6) == 1
