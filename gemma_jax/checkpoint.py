@@ -1,4 +1,5 @@
-"""Checkpoint I/O: Hugging Face safetensors folders (load and save) and Kaggle Flax/orbax Gemma checkpoints (load).
+"""Checkpoint I/O: Hugging Face safetensors folders (load and save) and Kaggle Flax/orbax Gemma checkpoints (load),
+Gemma 1, 2 and 3 (text; the text tower of the multimodal Gemma 3 releases).
 
 Both loaders fill preallocated stacked numpy arrays one tensor (HF) or one layer (Kaggle) at a time, so peak host
 memory is about one model plus one tensor, then hand the arrays to JAX leaf by leaf. Every tensor is checked: a
@@ -28,12 +29,17 @@ top-level keys are slash-joined module paths, leaves `w` / `scale` / `input_embe
     transformer/layer_{i}/mlp/gating_einsum/w [2,D,F] (Tunix, Gemma 1) or [2,F,D] (Gemma 2 releases); [0] gate, [1] up
     transformer/layer_{i}/mlp/linear/w [F,D]
     transformer/layer_{i}/{pre_attention_norm, pre_ffw_norm, post_attention_norm, post_ffw_norm}/scale [D]
+    Gemma 3 (Tunix `tunix/models/gemma3/params.py` map_from_upstream_checkpoint): the same names, gating [2,F,D],
+    plus transformer/layer_{i}/attn/_query_norm/scale and _key_norm/scale [H]; the multimodal releases also hold
+    transformer/embedder/mm_* and SigLiPFromPatches_0/* (vision), which are skipped with one log line.
 Decisions: (1) Tunix pads the embedding to 256128 rows; the real vocabulary (tokenizer, HF checkpoints) has 256000,
 so we keep only the first cfg.vocab_size rows (256000 when the config is inferred from a 256128-row embedding).
 The padded ids are never produced by the tokenizer, and the kept logits equal Tunix's for every real id.
 (2) With D == F a gating tensor is ambiguous; we read it as [2,D,F], the layout Tunix assigns without transposing.
 (3) An inferred Gemma 2 config takes the Gemma 2 2B constants: softcaps 50/30, window 4096 on even layers, and
 query_pre_attn_scalar = head_dim (true for 2B and 9B, and what Tunix hard-codes). Pass `cfg` for anything else.
+(4) An inferred Gemma 3 config is the GEMMA3_* preset with the same shapes (window, RoPE scaling and the 27B query
+scale are not in the shapes); other shapes need `cfg`.
 """
 
 import dataclasses
@@ -46,7 +52,17 @@ import struct
 import ml_dtypes  # registers bfloat16 with numpy: safetensors' numpy backend needs it to read BF16
 import numpy as np
 
-from gemma_jax.config import GEMMA2_2B, GemmaConfig, config_from_hf, config_to_hf
+from gemma_jax.config import (
+    GEMMA2_2B,
+    GEMMA3_1B,
+    GEMMA3_4B,
+    GEMMA3_12B,
+    GEMMA3_27B,
+    GEMMA3_270M,
+    GemmaConfig,
+    config_from_hf,
+    config_to_hf,
+)
 from gemma_jax.model import param_specs
 
 _ST_TO_NP = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
@@ -330,7 +346,14 @@ def save_hf(path, cfg: GemmaConfig, params: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Kaggle Flax / orbax (Gemma 1 and 2 only: Gemma 3's Kaggle layout, Tunix `models/gemma3/params.py`, is not read)
+# Kaggle Flax / orbax
+
+_KAGGLE_QK_NORM = "transformer/layer_0/attn/_query_norm/scale"
+
+
+def _is_kaggle_vision(name: str) -> bool:
+    """Leaves of Gemma 3's vision tower and its projection into the text embedding (not read)."""
+    return not name.startswith("transformer/") or name.startswith("transformer/embedder/mm_")
 
 
 def _orbax_leaves(path: str) -> dict:
@@ -370,6 +393,15 @@ def _infer_kaggle_config(leaves: dict, path: str) -> GemmaConfig:
         N, _, H = shape(attn + "q_einsum/w")
         K = shape(attn + "kv_einsum/w")[1]
     F = shape("transformer/layer_0/mlp/linear/w")[0]
+    if _KAGGLE_QK_NORM in leaves:
+        dims = (len(layer_ids), D, F, N, K, H)
+        for preset in (GEMMA3_270M, GEMMA3_1B, GEMMA3_4B, GEMMA3_12B, GEMMA3_27B):
+            if dims == (preset.num_layers, preset.embed_dim, preset.hidden_dim, preset.num_heads,
+                        preset.num_kv_heads, preset.head_dim):
+                return dataclasses.replace(preset, vocab_size=min(V, preset.vocab_size),
+                                           param_dtype=leaves["transformer/embedder/input_embedding"][2])
+        raise ValueError(f"{path}: a Gemma 3 checkpoint with (layers, D, F, N, K, H) = {dims} matches no GEMMA3_* "
+                         "preset; pass cfg (its window, RoPE scaling and query scale are not in the shapes)")
     kw = dict(num_layers=len(layer_ids), embed_dim=D, hidden_dim=F, num_heads=N, num_kv_heads=K, head_dim=H,
               vocab_size=GEMMA_VOCAB if V == TUNIX_PADDED_VOCAB else V, query_pre_attn_scalar=H,
               param_dtype=leaves["transformer/embedder/input_embedding"][2])
@@ -391,11 +423,19 @@ def _kaggle_layer_names(cfg: GemmaConfig, fused_qkv: bool) -> dict:
         names.update({"attn/q_einsum/w": (N, D, H), "attn/kv_einsum/w": (2, K, D, H)})
     if cfg.use_post_norms:
         names.update({"post_attention_norm/scale": (D,), "post_ffw_norm/scale": (D,)})
+    if cfg.use_qk_norm:
+        names.update({"attn/_query_norm/scale": (H,), "attn/_key_norm/scale": (H,)})
     return names
 
 
 def _check_kaggle_leaves(leaves: dict, cfg: GemmaConfig, path: str) -> dict:
-    """All expected Kaggle names with checked shapes and dtypes; returns name -> expected shape."""
+    """All expected Kaggle names with checked shapes and dtypes; returns name -> expected shape. Drops Gemma 3's
+    vision leaves from `leaves` (one printed line)."""
+    vision = [n for n in leaves if _is_kaggle_vision(n)] if cfg.use_qk_norm else []
+    if vision:
+        for n in vision:
+            del leaves[n]
+        print(f"load_kaggle: {path}: multimodal Gemma 3, skipped {len(vision)} vision tensors")
     fused = "transformer/layer_0/attn/qkv_einsum/w" in leaves
     expected = {"transformer/embedder/input_embedding": None, "transformer/final_norm/scale": (cfg.embed_dim,)}
     for i in range(cfg.num_layers):
@@ -461,6 +501,8 @@ def _fill_kaggle_layer(params: dict, i: int, t: dict, cfg: GemmaConfig) -> None:
     lay["attn_norm"][i], lay["ffw_norm"][i] = t["pre_attention_norm/scale"], t["pre_ffw_norm/scale"]
     if cfg.use_post_norms:
         lay["post_attn_norm"][i], lay["post_ffw_norm"][i] = t["post_attention_norm/scale"], t["post_ffw_norm/scale"]
+    if cfg.use_qk_norm:
+        lay["q_norm"][i], lay["k_norm"][i] = t["attn/_query_norm/scale"], t["attn/_key_norm/scale"]
 
 
 def load_kaggle(path, cfg: GemmaConfig | None = None, dtype=None) -> tuple[GemmaConfig, dict]:

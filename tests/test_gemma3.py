@@ -343,3 +343,69 @@ def test_sharded_bf16_gemma3_loads_bit_exact(tmp_path):
             assert np.array_equal(np.asarray(params["layers"][name][i]).view(np.int16), want)
     want_q = sd["model.layers.5.self_attn.q_proj.weight"].view(torch.int16).numpy()
     assert np.array_equal(np.asarray(params["layers"]["q"][5]).reshape(96, -1).T.view(np.int16), want_q)
+
+
+def _kaggle_gemma3_tree(params, cfg):
+    """Our params in the upstream Flax layout of Gemma 3 (names as in Tunix's gemma3 map_from_upstream_checkpoint),
+    with a few vision leaves as the multimodal releases have."""
+    lay = {k: np.asarray(v) for k, v in params["layers"].items()}
+    tree = {"transformer/embedder": {"input_embedding": np.asarray(params["embed"])},
+            "transformer/final_norm": {"scale": np.asarray(params["final_norm"])},
+            "transformer/embedder/mm_soft_embedding_norm": {"scale": np.ones(32, np.float32)},
+            "SigLiPFromPatches_0/siglip_encoder/embedding": {"kernel": np.ones((2, 2, 3, 32), np.float32),
+                                                             "bias": np.zeros(32, np.float32)}}
+    for i in range(cfg.num_layers):
+        pre = f"transformer/layer_{i}"
+        tree[f"{pre}/attn/q_einsum"] = {"w": lay["q"][i].transpose(1, 0, 2)}
+        tree[f"{pre}/attn/kv_einsum"] = {"w": np.stack([lay["k"][i].transpose(1, 0, 2),
+                                                         lay["v"][i].transpose(1, 0, 2)])}
+        tree[f"{pre}/attn/attn_vec_einsum"] = {"w": lay["o"][i]}
+        tree[f"{pre}/attn/_query_norm"] = {"scale": lay["q_norm"][i]}
+        tree[f"{pre}/attn/_key_norm"] = {"scale": lay["k_norm"][i]}
+        tree[f"{pre}/mlp/gating_einsum"] = {"w": np.stack([lay["gate"][i].T, lay["up"][i].T])}  # [2,F,D]
+        tree[f"{pre}/mlp/linear"] = {"w": lay["down"][i]}
+        for ours, theirs in (("attn_norm", "pre_attention_norm"), ("post_attn_norm", "post_attention_norm"),
+                             ("ffw_norm", "pre_ffw_norm"), ("post_ffw_norm", "post_ffw_norm")):
+            tree[f"{pre}/{theirs}"] = {"scale": lay[ours][i]}
+    return tree
+
+
+def test_kaggle_gemma3_matches_tunix_loader(tmp_path, capsys):
+    """The same orbax folder through our load_kaggle and Tunix's gemma3 create_model_from_checkpoint."""
+    import orbax.checkpoint as ocp
+    from tunix.models.gemma3 import params as tunix_params
+    from tunix_utils import tunix_gemma3_config
+
+    from gemma_jax.checkpoint import load_kaggle
+
+    cfg = C.TINY_GEMMA3
+    params = _params_with_norms(cfg, 8)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(str(tmp_path / "k"), _kaggle_gemma3_tree(params, cfg))
+    ckpt.wait_until_finished()
+    got_cfg, ours = load_kaggle(tmp_path / "k", cfg)
+    assert "skipped 3 vision tensors" in capsys.readouterr().out
+    for key in ("q_norm", "k_norm", "gate", "q"):
+        assert np.array_equal(np.asarray(ours["layers"][key]), np.asarray(params["layers"][key])), key
+    model = tunix_params.create_model_from_checkpoint(str(tmp_path / "k"), tunix_gemma3_config(cfg),
+                                                      dtype=jnp.float32)
+    tokens = np.random.RandomState(2).randint(4, 512, size=(2, T))
+    diff = np.abs(_ours(ours, got_cfg, tokens, np.ones(tokens.shape, bool)) - tunix_logits(model, tokens)).max()
+    assert diff <= 1e-4, diff
+
+
+def test_kaggle_gemma3_config_inferred_as_preset():
+    from gemma_jax.checkpoint import _infer_kaggle_config
+
+    c = C.GEMMA3_27B
+    D, F, N, K, H = c.embed_dim, c.hidden_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    leaves = {"transformer/embedder/input_embedding": (None, (262_144, D), "bfloat16"),
+              "transformer/layer_0/attn/_query_norm/scale": (None, (H,), "bfloat16"),
+              "transformer/layer_0/attn/q_einsum/w": (None, (N, D, H), "bfloat16"),
+              "transformer/layer_0/attn/kv_einsum/w": (None, (2, K, D, H), "bfloat16"),
+              "transformer/layer_0/mlp/linear/w": (None, (F, D), "bfloat16")}
+    leaves.update({f"transformer/layer_{i}/mlp/linear/w": (None, (F, D), "bfloat16") for i in range(1, 62)})
+    assert _infer_kaggle_config(leaves, "x") == dataclasses.replace(c, param_dtype="bfloat16")
+    leaves["transformer/layer_0/mlp/linear/w"] = (None, (F + 1, D), "bfloat16")
+    with pytest.raises(ValueError, match="matches no GEMMA3_\\* preset; pass cfg"):
+        _infer_kaggle_config(leaves, "x")

@@ -89,12 +89,11 @@ class IdTokenizer:
         return 0
 
 
-def to_tunix_gemma3(params, cfg):
-    """Tunix's Gemma 3 (`tunix.models.gemma3.model.Gemma3`, text only, float32) holding our weights.
+def tunix_gemma3_config(cfg):
+    """Tunix's Gemma 3 ModelConfig (text only, float32) for our config.
 
     Tunix fixes the layer pattern (5 sliding : 1 global, cycled) and derives the query scale from head_dim or
-    embed_dim // num_heads, so the config must have sliding_window_pattern 6 and one of those two scalars.
-    Layout as in `to_tunix`, plus `_query_norm` / `_key_norm` scales and `post_attention_norm`."""
+    embed_dim // num_heads, so the config must have sliding_window_pattern 6 and one of those two scalars."""
     from tunix.models.gemma3 import model as tunix_gemma3
 
     qpa = tunix_gemma3.QueryPreAttentionNormalisation
@@ -106,13 +105,21 @@ def to_tunix_gemma3(params, cfg):
         raise ValueError("Tunix's Gemma 3 query scale is head_dim**-0.5 or (embed_dim // num_heads)**-0.5")
     if cfg.sliding_window_pattern != 6 or cfg.layer_types is not None:
         raise ValueError("Tunix's Gemma 3 cycles 5 sliding : 1 global layers: use sliding_window_pattern 6")
-    tcfg = tunix_gemma3.ModelConfig(
+    return tunix_gemma3.ModelConfig(
         num_layers=cfg.num_layers, num_embed=cfg.vocab_size, embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
         sliding_window_size=cfg.sliding_window, local_base_frequency=int(cfg.rope_local_base),
         global_base_frequency=int(cfg.rope_base), global_scale_factor=cfg.rope_scaling, query_pre_attn_norm=norm,
         param_dtype=jnp.float32,
     )
+
+
+def to_tunix_gemma3(params, cfg):
+    """Tunix's Gemma 3 (`tunix.models.gemma3.model.Gemma3`) holding our weights: the layout of `to_tunix`, plus
+    `_query_norm` / `_key_norm` scales and `post_attention_norm`."""
+    from tunix.models.gemma3 import model as tunix_gemma3
+
+    tcfg = tunix_gemma3_config(cfg)
     model = tunix_gemma3.Gemma3(tcfg, rngs=nnx.Rngs(params=0))
     p = lambda x: jnp.asarray(np.asarray(x, np.float32))  # noqa: E731
     lay = params["layers"]
