@@ -409,3 +409,13 @@ def test_kaggle_gemma3_config_inferred_as_preset():
     leaves["transformer/layer_0/mlp/linear/w"] = (None, (F + 1, D), "bfloat16")
     with pytest.raises(ValueError, match="matches no GEMMA3_\\* preset; pass cfg"):
         _infer_kaggle_config(leaves, "x")
+
+
+def test_unrolled_and_remat_layers_equal_the_scan():
+    cfg = C.TINY_GEMMA3
+    params = _params_with_norms(cfg, 9)
+    tokens, mask = _batch()
+    ref = _ours(params, cfg, tokens, mask)
+    for variant in (dict(scan_layers=False), dict(remat=True)):
+        got = _ours(params, dataclasses.replace(cfg, **variant), tokens, mask)
+        assert np.abs(got - ref)[mask].max() <= 1e-5, variant
