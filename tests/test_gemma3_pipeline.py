@@ -119,4 +119,6 @@ def test_grpo_steps_raise_a_toy_reward_on_gemma3(tokenizer, tmp_path):
     print(f"GRPO p(target) {p0:.4f} -> {p1:.4f}; first {logged(rows[0])}, last {logged(rows[-1])}")
     assert len(rows) == 6
     assert p1 > 1.5 * p0 and p1 - p0 > 0.01, (p0, p1)  # measured 0.0095 -> 0.0563
+    r0, r1 = rows[0]["reward/domain_math_mean"], rows[-1]["reward/domain_math_mean"]
+    assert r1 >= r0 + 0.1, (r0, r1)  # the toy reward itself, measured 0.125 -> 0.3125
 
