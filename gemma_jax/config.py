@@ -44,6 +44,11 @@ class GemmaConfig:
     param_dtype: str = "float32"  # dtype of the weights and activations; norms and softmax run in float32
     scan_layers: bool = True  # lax.scan over stacked layers: compile time flat in depth
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+    # Score log-probs over this many vocabulary rows at a time (gemma_jax/scoring.py), so the [B, T, V] float32
+    # logits never exist, forward or backward; None: the full logits. Recommended 8192 for the 256k-vocabulary
+    # presets: a [B*T, 8192] float32 chunk is 32 KiB per token (1/31 of the full logits) and the chunk's
+    # [tokens, 8192] x [8192, D] matmuls are still large enough to run at full speed.
+    logits_chunk: int | None = None
 
     def __post_init__(self):
         if sum(bool(x) for x in (self.local_layer_period, self.sliding_window_pattern, self.layer_types)) > 1:

@@ -23,7 +23,7 @@ META_FILE = "lora.json"
 FORMAT = "nanotunix-lora"
 VERSION = 1
 # Config fields that do not change what the adapters compute: excluded from the model fingerprint.
-_NOT_ARCHITECTURE = ("param_dtype", "scan_layers", "remat")
+_NOT_ARCHITECTURE = ("param_dtype", "scan_layers", "remat", "logits_chunk")
 
 
 def model_fingerprint(cfg: GemmaConfig) -> tuple[dict, str]:
