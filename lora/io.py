@@ -105,14 +105,23 @@ def read_adapter_meta(path) -> dict:
     return meta
 
 
+def _differs(a, b) -> bool:
+    """Config values differ (24 and 24.0 are the same number; lists read from JSON equal tuples)."""
+    norm = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (  # noqa: E731
+        tuple(v) if isinstance(v, list) else v)
+    return norm(a) != norm(b)
+
+
 def _check_expected(meta_path, meta, cfg, rank, alpha, targets):
     """Raise a ValueError naming every way the stored adapters differ from what the caller expects."""
     problems = []
     if cfg is not None:
-        fields, digest = model_fingerprint(cfg)
-        if digest != meta["model_fingerprint"]:
-            stored = meta["model_config"]
-            diffs = [f"{k}: file {stored.get(k)!r} vs given {v!r}" for k, v in fields.items() if stored.get(k) != v]
+        given, digest = model_fingerprint(cfg)
+        # Rebuilt through GemmaConfig, a field the file lacks (added to the config after the file was written)
+        # takes its default, which keeps the older architectures as they were.
+        stored, stored_digest = model_fingerprint(GemmaConfig(**meta["model_config"]))
+        if stored_digest != digest:
+            diffs = [f"{k}: file {stored[k]!r} vs given {v!r}" for k, v in given.items() if _differs(stored[k], v)]
             problems.append("trained for a different model (" + ("; ".join(diffs) or "fingerprint differs") + ")")
     if rank is not None and rank != meta["rank"]:
         problems.append(f"rank: file {meta['rank']} vs expected {rank}")
