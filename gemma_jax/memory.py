@@ -25,8 +25,8 @@ plain matmul is not needed, only the inputs of LoRA's A, of the nonlinearities a
     [b,T,R]   per adapter: x A (for B's gradient)
 Without remat all L layers keep theirs; with per-layer remat only each layer's input [b,T,D] is kept and one
 layer's set is rebuilt (plus as much again in gradient temporaries) during its backward. The head adds the
-logits: [b,T,V] float32 x 4 (logits, softcapped logits, log-softmax and the gradient); at V = 256k that is the
-biggest single term (2 x 2048 tokens on one device: 16.8 GB). The head's buffers are dead before the layers'
+logits: [b,T,V] float32 x 2 (the softcapped logits and their gradient: the log-prob is taken as logit - logsumexp,
+no log-softmax kept); at V = 256k that is the biggest single term (2 x 2048 tokens on one device: 8.4 GB). The head's buffers are dead before the layers'
 backward starts, so the peak is   saved layers + max(logits, layer working set).
 The counts below were read off XLA's buffer assignment for a float32 step on a CPU; XLA's CPU backend computes
 bf16 elementwise ops in float32, so a bf16 step on a CPU holds more than on a TPU or GPU.
@@ -43,7 +43,7 @@ from gemma_jax.sharding import CACHE_AXES, LORA_AXES, MESH_AXES, logical_to_spec
 
 # How many tensors of each kind the backward pass keeps, read off XLA's buffer assignment of a float32 LoRA step
 # on one CPU device (tests/test_memory.py checks the total against memory_analysis()).
-LOGIT_COPIES = 4  # [b,T,V] f32: logits, softcapped logits, log-softmax, and the gradient flowing back
+LOGIT_COPIES = 2  # [b,T,V] f32: the softcapped logits and the gradient flowing back (gemma_jax/scoring.py)
 MLP_COPIES = 7  # [b,T,F]: gate, up, gelu(gate), their product, and gelu-tanh's intermediates (x^3, tanh, 1 - tanh^2)
 SCORE_COPIES = 4  # [b,N,T,T] f32: raw scores, tanh (softcap), masked scores, softmax; + a bool mask
 
