@@ -30,7 +30,7 @@ from gemma_jax.tokenizer import Tokenizer  # noqa: E402
 from grpo.learner import GRPOHParams, to_micro_batches, train_step  # noqa: E402
 from grpo.rollout import rollout  # noqa: E402
 from lora.adapters import init_lora  # noqa: E402
-from sft.optim import adamw_init  # noqa: E402
+from train.optim import adamw_init  # noqa: E402
 
 CFG = dataclasses.replace(TINY, query_pre_attn_scalar=TINY.head_dim)
 QUESTIONS = ["what is 3 plus 9?", "write a short story about a cat named Tom.", "what is 12 plus 36?",

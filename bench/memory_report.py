@@ -1,4 +1,4 @@
-"""Memory of a full-size GEMMA2_2B LoRA train step: XLA's own numbers next to gemma_jax/memory.py's estimate,
+"""Memory of a full-size GEMMA2_2B LoRA train step: XLA's own numbers next to train/memory.py's estimate,
 then what fits on a few accelerators.
 
 The step (rank 32 on q/kv/gate/up/down, bf16 base, float32 LoRA + AdamW, masked next-token CE, per-layer remat)
@@ -22,13 +22,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gemma_jax import memory  # noqa: E402
 from gemma_jax.config import GEMMA2_2B  # noqa: E402
 from gemma_jax.model import abstract_params  # noqa: E402
 from gemma_jax.scoring import token_logprobs  # noqa: E402
 from gemma_jax.sharding import batch_sharding, lora_shardings, make_mesh, optimizer_shardings, param_shardings  # noqa: E402
 from lora.adapters import DEFAULT_TARGETS, LoRA, lora_shapes  # noqa: E402
-from sft.optim import adamw_update, clip_by_global_norm  # noqa: E402
+from train import memory  # noqa: E402
+from train.optim import adamw_update, clip_by_global_norm  # noqa: E402
 
 GB = 1e9
 

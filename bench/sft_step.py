@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 from gemma_jax.config import MID, TINY  # noqa: E402
 from gemma_jax.model import init_params  # noqa: E402
 from lora.adapters import init_lora  # noqa: E402
-from sft.optim import adamw_init  # noqa: E402
 from sft.train import HParams, train_step  # noqa: E402
+from train.optim import adamw_init  # noqa: E402
 
 TARGETS = ("q", "kv", "gate", "up", "down")
 
@@ -83,7 +83,7 @@ def ours(cfg, params, lora, tokens, loss_mask, hp, repeats):
     state = {"lora": lora, "opt": adamw_init(lora)}
 
     def run():
-        lo, opt, m = train_step(state["lora"], state["opt"], params, batch, 0, cfg=cfg, hp=hp)
+        lo, opt, m = train_step(state["lora"], state["opt"], params, batch, cfg=cfg, hp=hp)
         jax.block_until_ready(m["loss"])
         state["lora"], state["opt"] = lo, opt
 
@@ -101,7 +101,7 @@ def tunix(cfg, params, lora_rank, tokens, loss_mask, hp, repeats):
     provider = qwix.LoraProvider(module_path=".*q_einsum|.*kv_einsum|.*gate_proj|.*up_proj|.*down_proj",
                                  rank=lora_rank, alpha=2.0 * lora_rank)
     model = qwix.apply_lora_to_model(model, provider, **model.get_model_input())
-    tx = optax.chain(optax.clip_by_global_norm(hp.clip), optax.adamw(hp.peak_lr, weight_decay=hp.weight_decay))
+    tx = optax.chain(optax.clip_by_global_norm(hp.clip), optax.adamw(hp.lr, weight_decay=hp.weight_decay))
     trainer = peft_trainer.PeftTrainer(model, tx, peft_trainer.TrainingConfig(eval_every_n_steps=10**9))
     step, _ = trainer.jit_train_and_eval_step()
     pad = jnp.ones(tokens.shape, bool)
@@ -123,7 +123,7 @@ def main(argv=None):
     B, T = args.batch, args.seq
     params = jax.jit(init_params, static_argnums=(0, 1))(cfg, 0)
     lora = init_lora(cfg, args.rank, 2.0 * args.rank, TARGETS, seed=0)
-    hp = HParams(peak_lr=1e-4, warmup_steps=0, total_steps=10**6, weight_decay=0.1, clip=1.0)
+    hp = HParams(lr=1e-4, warmup_steps=0, steps=10**6, weight_decay=0.1, clip=1.0)
     tokens, loss_mask = make_batch(cfg, B, T)
     peak = matmul_peak_gflops()
     t_ours = ours(cfg, params, lora, tokens, loss_mask, hp, args.repeats)

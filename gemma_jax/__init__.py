@@ -1,5 +1,6 @@
 """Gemma 1 / Gemma 2 in plain JAX: config, model, sampler, sharding, checkpoints, tokenizer."""
 
+from gemma_jax.checkpoint import load_checkpoint, save_hf
 from gemma_jax.config import GEMMA2_2B, GEMMA_2B, MID, TINY, TINY_GEMMA1, GemmaConfig, config_from_hf
 from gemma_jax.model import (
     abstract_params,
@@ -10,11 +11,7 @@ from gemma_jax.model import (
     init_params,
 )
 from gemma_jax.scoring import token_logprobs
-from gemma_jax.checkpoint import load_checkpoint, save_hf
 from gemma_jax.tokenizer import Tokenizer
-
-
-
 
 __all__ = [
     "GEMMA2_2B", "GEMMA_2B", "MID", "TINY", "TINY_GEMMA1", "GemmaConfig", "Tokenizer", "abstract_params",

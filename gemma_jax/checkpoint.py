@@ -49,8 +49,12 @@ import os
 import re
 import struct
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes  # registers bfloat16 with numpy: safetensors' numpy backend needs it to read BF16
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors import safe_open
 
 from gemma_jax.config import (
     GEMMA2_2B,
@@ -95,8 +99,6 @@ def _empty_params(cfg: GemmaConfig) -> dict:
 
 def _to_jax(params: dict) -> dict:
     """numpy -> jax arrays one leaf at a time, dropping each numpy array as soon as it is copied."""
-    import jax.numpy as jnp
-
     out = {"layers": {}}
     for key in ("embed", "final_norm"):
         out[key] = jnp.asarray(params.pop(key))
@@ -237,7 +239,6 @@ def load_hf(path, dtype=None) -> tuple[GemmaConfig, dict]:
     """(cfg, params) from a Hugging Face Gemma / Gemma 2 / Gemma 3 (text, or the text tower of a multimodal
     Gemma 3) safetensors folder, cast to `dtype` (default: the config's dtype). Peak memory: the model in `dtype`
     plus one tensor."""
-    from safetensors import safe_open
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -358,8 +359,6 @@ def _is_kaggle_vision(name: str) -> bool:
 
 def _orbax_leaves(path: str) -> dict:
     """'transformer/layer_0/attn/q_einsum/w' -> (key path tuple in the stored tree, shape, dtype name)."""
-    import jax
-    import orbax.checkpoint as ocp
 
     try:
         meta = ocp.PyTreeCheckpointer().metadata(path)
@@ -462,7 +461,6 @@ def _check_kaggle_leaves(leaves: dict, cfg: GemmaConfig, path: str) -> dict:
 
 def _restore(path: str, leaves: dict, names: list) -> dict:
     """Partial orbax restore of `names` as numpy arrays: name -> array."""
-    import orbax.checkpoint as ocp
 
     item, restore_args = {}, {}
     for name in names:

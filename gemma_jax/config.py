@@ -14,6 +14,8 @@ import dataclasses
 import json
 import os
 
+import jax.numpy as jnp
+
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -77,8 +79,6 @@ class GemmaConfig:
 
     @property
     def dtype(self):
-        import jax.numpy as jnp
-
         return jnp.dtype(self.param_dtype)
 
 

@@ -34,6 +34,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gemma_jax.config import GemmaConfig
@@ -193,7 +194,7 @@ def lora_shardings(lora, mesh: Mesh, rules=None):
 
 
 def optimizer_shardings(param_shardings_tree, mesh: Mesh) -> dict:
-    """Shardings of sft.optim.adamw_init's state: moments shaped (and sharded) like the params, scalar count."""
+    """Shardings of train.optim.adamw_init's state: moments shaped (and sharded) like the params, scalar count."""
     return {"count": replicated(mesh), "mu": param_shardings_tree, "nu": param_shardings_tree}
 
 
@@ -279,8 +280,6 @@ def global_batch(local_tree, mesh: Mesh):
 
 def to_host(tree):
     """Fully replicated numpy copies of (possibly multi-host) global arrays, on every process."""
-    from jax.experimental import multihost_utils
-
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
     return multihost_utils.process_allgather(tree, tiled=True)

@@ -1,10 +1,10 @@
 """The GRPO loop written out: rollout -> num_iterations updates of the clipped surrogate + beta KL -> metrics,
-evaluation, checkpoints (REFERENCE.md §4, §5; the structure of Tunix's GRPOLearner without its class tree).
+evaluation, checkpoints (the structure of Tunix's `rl/grpo/grpo_learner.py` GRPOLearner without its class tree).
 
 One optimizer update (`train_step`):
     rollout rows [B = prompts x G] -> micro-batches [M, B/M] --lax.scan--> summed grads of the GRPO loss of each
     micro-batch, every aggregation normalised by the WHOLE batch's row / token counts (so M accumulated
-    micro-batches equal one big batch exactly) -> global-norm clip -> AdamW (sft/optim.py).
+    micro-batches equal one big batch exactly) -> global-norm clip -> AdamW (train/optim.py).
 Only the LoRA adapters are differentiated; the reference policy is the same base with lora=None.
 
 Determinism and resume: the prompts of step s and its sampling seed are functions of (seed, s) alone, so a run
@@ -24,109 +24,125 @@ import numpy as np
 
 from gemma_jax.scoring import completion_logprobs
 from gemma_jax.sharding import place_train_state
-from grpo.loss import grpo_loss
+from grpo.evaluate import evaluate
+from grpo.loss import IS_LEVELS, KL_KINDS, LOSS_AGG_MODES, LOSS_TYPES, grpo_loss
 from grpo.rollout import rollout as do_rollout
 from lora.adapters import LoRA
-from sft.metrics import MetricsLogger
-from sft.optim import adamw_init, adamw_update, clip_by_global_norm, lr_schedule
+from rewards.prob import ProbState
+from rewards.router import compute_rewards
+from train.metrics import MetricsLogger
+from train.optim import accumulate_grads, adamw_init, apply_update
+from train.state import CheckpointManager, make_meta
 
 
 @dataclasses.dataclass(frozen=True)
 class GRPOHParams:
-    """Every GRPO setting; frozen and hashable (a static jit argument). Defaults: the recipe (REFERENCE.md §5)."""
+    """Every GRPO setting; frozen and hashable (a static jit argument). Defaults: the recipe's (docs/recipe.md).
+    The command-line flags are generated from these fields, with these comments as their help."""
 
-    group_size: int = 4  # G completions per prompt
-    prompts_per_step: int = 2
-    micro_batch: int = 4  # rows (completions) per forward/backward; prompts_per_step * G must be a multiple
+    steps: int = 100  # rollout steps; each does num_iterations optimizer updates
+    group_size: int = 4  # G: completions sampled per prompt
+    prompts_per_step: int = 2  # prompts per rollout step (rows = prompts_per_step x G)
+    micro_batch: int = 4  # rows per forward/backward pass; must divide prompts_per_step x G
     num_iterations: int = 1  # updates per rollout (GRPO's mu); > 1 computes old log-probs
-    beta: float = 0.08  # KL coefficient
-    kl: str = "k3"  # see grpo.loss.kl_penalty for why k3 is the default
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # None: = epsilon
-    epsilon_c: float | None = None  # dual clip (Tunix), None: off
-    loss_agg: str = "sequence-mean-token-mean"
-    loss_norm: float | None = None  # normaliser of the sum-norm / token-scale modes (None: Tunix defaults)
-    gspo: bool = False  # GSPO-token sequence-level ratio
-    adv_scale: str = "group"  # group | batch | none (Dr.GRPO)
-    mask_truncated: bool = False  # completions cut at max_new_tokens get no loss
-    temperature: float = 0.6
-    top_k: int | None = 50
-    top_p: float | None = 1.0
-    max_prompt_tokens: int = 256
-    max_new_tokens: int = 768
-    lr: float = 1e-6
-    warmup_steps: int = 0
-    final_lr_ratio: float = 1.0  # 1.0: constant lr after warmup; 0.0: cosine to zero
-    total_steps: int = 100  # optimizer updates over the run (schedule length)
-    weight_decay: float = 0.1
-    clip: float = 0.1  # global-norm gradient clip
-    b1: float = 0.9
-    b2: float = 0.99
+    beta: float = 0.08  # KL coefficient (0: no reference pass)
+    kl: str = "k3"  # KL estimator: k3 (low-variance, >= 0) or k1
+    epsilon: float = 0.2  # PPO clip: ratio kept in [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None  # upper clip (DAPO clip-higher, e.g. 0.28); default: epsilon
+    epsilon_c: float | None = None  # dual-clip constant (> 1) for negative advantages; default: off
+    loss_agg: str = "sequence-mean-token-mean"  # Tunix loss aggregation (ignored when loss_type is set)
+    loss_norm: float | None = None  # normaliser of the sum-norm / token-scale aggregations (None: Tunix's)
+    loss_type: str | None = None  # a TRL loss type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo); None: Tunix
+    gspo: bool = False  # GSPO-token: sequence-level importance ratio (Tunix loss_algo gspo-token)
+    importance_sampling: str = "token"  # token or sequence (TRL importance_sampling_level)
+    delta: float | None = None  # two-sided clip: ratio also capped at delta (TRL delta); default: off
+    kl_is_weight: bool = False  # KL term weighted by the importance ratio (TRL use_bias_correction_kl)
+    top_entropy_quantile: float = 1.0  # < 1: policy loss only on the highest-entropy tokens (TRL)
+    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef x token-mean entropy
+    adv_scale: str = "group"  # advantage std scaling: group, batch, or none (Dr. GRPO)
+    mask_truncated: bool = False  # no loss on completions cut at max_new_tokens (DAPO overlong filter)
+    temperature: float = 0.6  # sampling temperature (the log-probs are taken at the same temperature)
+    top_k: int | None = 50  # sample among the k most likely tokens (None: all)
+    top_p: float | None = 1.0  # nucleus threshold (None or 1.0: off)
+    max_prompt_tokens: int = 256  # prompts longer than this keep their last tokens
+    max_new_tokens: int = 768  # completion budget
+    lr: float = 1e-6  # peak learning rate
+    warmup_steps: int = 0  # linear warmup, in optimizer updates
+    final_lr_ratio: float = 1.0  # 1.0: constant lr after warmup; 0.0: cosine decay to zero
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    clip: float = 0.1  # global-norm gradient clip (<= 0: off)
+    b1: float = 0.9  # AdamW first-moment decay
+    b2: float = 0.99  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+
+    @property
+    def total_updates(self) -> int:
+        return self.steps * self.num_iterations
 
     def check(self):
+        """Raise ValueError naming the first inconsistent setting; returns self."""
         rows = self.prompts_per_step * self.group_size
+        choices = {"kl": KL_KINDS, "loss_agg": LOSS_AGG_MODES, "adv_scale": ("group", "batch", "none"),
+                   "loss_type": (None, *LOSS_TYPES), "importance_sampling": IS_LEVELS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.group_size < 2:
             raise ValueError(f"group_size (G) must be >= 2 for group-relative advantages, got {self.group_size}")
         if self.micro_batch < 1 or rows % self.micro_batch:
             raise ValueError(f"micro_batch {self.micro_batch} must divide prompts_per_step x G = {rows}")
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.num_iterations < 1 or self.steps < 1:
+            raise ValueError(f"steps and num_iterations must be >= 1, got {self.steps}, {self.num_iterations}")
+        if not 0.0 < self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
         return self
 
 
 # ----------------------------------------------------------------------------------------------- one update
-_SUMMED = ("loss", "pg_loss", "kl_loss", "entropy", "clip_frac_lower", "tokens")  # already / global count
-_MAXED, _MINNED = ("ratio_max",), ("ratio_min",)  # everything else: a token-weighted mean
+# Metrics the loss already divides by the whole batch's rows / tokens: their sum over micro-batches is the batch's
+# value. Names ending in max / min reduce by max / min; every other metric is a token-weighted mean.
+BATCH_NORMALISED = ("loss", "policy_loss", "pg_loss", "kl_loss", "entropy", "clip_frac_lower", "tokens")
 
 
-def _micro_loss(lora, params, mb, norms, *, cfg, hp: GRPOHParams):
-    logp, ent = completion_logprobs(params, cfg, mb["prompt"], mb["prompt_mask"], mb["completion"],
-                                mb["completion_mask"], lora=lora, temperature=hp.temperature, return_entropy=True)
-    loss, m = grpo_loss(logp, mb["advantages"], mb["completion_mask"], old_logp_BC=mb.get("old_logp"),
-                        ref_logp_BC=mb.get("ref_logp"), entropy_BC=ent, beta=hp.beta, epsilon=hp.epsilon,
-                        epsilon_high=hp.epsilon_high, epsilon_c=hp.epsilon_c, kl=hp.kl, loss_agg=hp.loss_agg,
-                        gspo=hp.gspo, num_rows=norms["rows"], num_tokens=norms["tokens"], norm=hp.loss_norm)
-    return loss, {**m, "loss": loss}
-
-
-def _combine(acc, m):
+def reduce_micro_metrics(per_micro: dict) -> dict:
+    """{name: [M] values of the M micro-batches} -> {name: the whole batch's value}."""
+    w = per_micro["tokens"]
     out = {}
-    for k, v in m.items():
-        if k in _SUMMED:
-            out[k] = acc[k] + v
-        elif k in _MAXED:
-            out[k] = jnp.maximum(acc[k], v)
-        elif k in _MINNED:
-            out[k] = jnp.minimum(acc[k], v)
+    for k, v in per_micro.items():
+        if k in BATCH_NORMALISED:
+            out[k] = jnp.sum(v)
+        elif k.endswith("max"):
+            out[k] = jnp.nanmax(v)
+        elif k.endswith("min"):
+            out[k] = jnp.nanmin(v)
         else:
-            out[k] = acc[k] + v * m["tokens"]
+            out[k] = jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1)
     return out
 
 
+def _micro_loss(lora, mb, params, norms, cfg, hp: GRPOHParams):
+    logp, ent = completion_logprobs(params, cfg, mb["prompt"], mb["prompt_mask"], mb["completion"],
+                                    mb["completion_mask"], lora=lora, temperature=hp.temperature, return_entropy=True)
+    # TRL's loss types average over every row of the batch; the Tunix aggregations over the non-empty rows
+    rows = norms["rows"] if hp.loss_type is None else norms["all_rows"]
+    loss, m = grpo_loss(logp, mb["advantages"], mb["completion_mask"], old_logp_BC=mb.get("old_logp"),
+                        ref_logp_BC=mb.get("ref_logp"), entropy_BC=ent, beta=hp.beta, epsilon=hp.epsilon,
+                        epsilon_high=hp.epsilon_high, epsilon_c=hp.epsilon_c, kl=hp.kl, loss_agg=hp.loss_agg,
+                        gspo=hp.gspo, num_rows=rows, num_tokens=norms["tokens"], norm=hp.loss_norm,
+                        loss_type=hp.loss_type, importance_sampling=hp.importance_sampling, delta=hp.delta,
+                        max_completion_length=hp.max_new_tokens, kl_is_weight=hp.kl_is_weight,
+                        top_entropy_quantile=hp.top_entropy_quantile, entropy_coef=hp.entropy_coef)
+    return loss, {**m, "loss": loss}
+
+
 def _train_step(lora, opt_state, params, batch, norms, *, cfg, hp: GRPOHParams):
-    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
-    first = jax.tree.map(lambda x: x[0], batch)
-    shapes = jax.eval_shape(lambda: grad_fn(lora, params, first, norms, cfg=cfg, hp=hp)[0][1])
-    init = {k: jnp.full((), -jnp.inf if k in _MAXED else (jnp.inf if k in _MINNED else 0.0), v.dtype)
-            for k, v in shapes.items()}
-
-    def body(carry, mb):
-        g_acc, m_acc = carry
-        (_, m), g = grad_fn(lora, params, mb, norms, cfg=cfg, hp=hp)
-        return (jax.tree.map(jnp.add, g_acc, g), _combine(m_acc, m)), None
-
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), lora)
-    (grads, m), _ = jax.lax.scan(body, (zeros, init), batch)
-    m = {k: v if k in _SUMMED + _MAXED + _MINNED else v / jnp.maximum(m["tokens"], 1) for k, v in m.items()}
-    grads, grad_norm = clip_by_global_norm(grads, hp.clip)
-    lr = lr_schedule(opt_state["count"], peak_lr=hp.lr, warmup_steps=hp.warmup_steps, total_steps=hp.total_steps,
-                     final_ratio=hp.final_lr_ratio)
-    lora, opt_state = adamw_update(grads, opt_state, lora, lr, b1=hp.b1, b2=hp.b2, eps=1e-8,
-                                   weight_decay=hp.weight_decay)
-    return lora, opt_state, {**m, "grad_norm": grad_norm, "lr": lr}
+    loss_fn = lambda lo, mb: _micro_loss(lo, mb, params, norms, cfg, hp)  # noqa: E731
+    grads, per_micro = accumulate_grads(loss_fn, lora, batch)
+    lora, opt_state, m = apply_update(grads, opt_state, lora, hp)
+    return lora, opt_state, {**reduce_micro_metrics(per_micro), **m}
 
 
-# train_step(lora, opt_state, params, batch [M, B/M, ...], norms {"rows", "tokens"}, *, cfg, hp)
+# train_step(lora, opt_state, params, batch [M, B/M, ...], norms {"rows", "all_rows", "tokens"}, *, cfg, hp)
 #   -> (lora, opt_state, metrics). The adapters and optimizer state are donated (no second copy).
 train_step = jax.jit(_train_step, static_argnames=("cfg", "hp"), donate_argnums=(0, 1))
 
@@ -137,7 +153,8 @@ def to_micro_batches(ro: dict, micro_batch: int) -> tuple[dict, dict]:
     B = ro["prompt"].shape[0]
     batch = {k: ro[k].reshape(B // micro_batch, micro_batch, *ro[k].shape[1:]) for k in keys if k in ro}
     mask = ro["completion_mask"]
-    norms = {"rows": jnp.float32(max(int((mask.sum(-1) > 0).sum()), 1)), "tokens": jnp.float32(max(mask.sum(), 1))}
+    norms = {"rows": jnp.float32(max(int((mask.sum(-1) > 0).sum()), 1)), "all_rows": jnp.float32(B),
+             "tokens": jnp.float32(max(mask.sum(), 1))}
     return batch, norms
 
 
@@ -173,8 +190,6 @@ def _prob_state_to_json(state):
 def _prob_state_from_json(obj):
     if obj is None:
         return None
-    from rewards.prob import ProbState
-
     return ProbState(**obj)
 
 
@@ -184,15 +199,13 @@ def _print_samples(print_fn, records, texts, rewards, G, n=2):
         print_fn(f"    reward {float(rewards[i * G]):.3f}; completion: {texts[i * G][:400]!r}")
 
 
-def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, *, reward_fn, reward_cfg=None,
-          eval_records=None, eval_every: int = 0, save_every: int = 10, sample_every: int = 10, seed: int = 0,
-          mesh=None, stop_at_step: int | None = None, print_fn=print):
-    """Run GRPO until `hp.total_steps // hp.num_iterations` rollout steps are done (or `stop_at_step`).
+def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, *, reward_fn=compute_rewards,
+          reward_cfg=None, eval_records=None, eval_every: int = 0, save_every: int = 10, sample_every: int = 10,
+          seed: int = 0, mesh=None, stop_at_step: int | None = None, print_fn=print, tensorboard: bool = False):
+    """Run GRPO until `hp.steps` rollout steps are done (or `stop_at_step`).
 
     Resumes from the newest checkpoint under `{out_dir}/checkpoints` when there is one. Logs one line per step
     to `{out_dir}/metrics.jsonl` and the console. Returns (lora, opt_state, last step's metrics)."""
-    from gemma_jax.train_state import CheckpointManager, make_meta
-
     hp.check()
     if not records:
         raise ValueError("train: no RL records")
@@ -207,10 +220,10 @@ def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, 
         prob_state = _prob_state_from_json(meta.get("prob_state"))
         print_fn(f"resumed from {out_dir}/checkpoints step {step}")
     params, lora, opt = place_train_state(cfg, params, lora, opt, mesh)
-    n_steps = hp.total_steps // hp.num_iterations
+    n_steps = hp.steps
     end = n_steps if stop_at_step is None else min(stop_at_step, n_steps)
     last = {}
-    with MetricsLogger(out_dir, n_steps, print_fn=print_fn) as log:
+    with MetricsLogger(out_dir, n_steps, print_fn=print_fn, tensorboard=tensorboard) as log:
         log.start()
         while step < end:
             recs = step_records(records, step, hp.prompts_per_step, seed)
@@ -230,8 +243,6 @@ def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, 
             if sample_every and step % sample_every == 0:
                 _print_samples(print_fn, recs, texts, ro["rewards"], hp.group_size)
             if eval_records and eval_every and (step % eval_every == 0 or step == n_steps):
-                from grpo.evaluate import evaluate
-
                 log.log(step, evaluate(params, cfg, lora, eval_records, tokenizer, hp=hp), kind="eval")
             if save_every and (step % save_every == 0 or step == end):
                 ckpt.save(step, _state_tree(lora, opt), {**ident, "step": step, "seed": seed,

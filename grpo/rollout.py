@@ -18,17 +18,19 @@ import time
 import jax
 import numpy as np
 
-from gemma_jax.scoring import completion_logprobs, token_logprobs
+from data.rl import system_prompt_for
 from gemma_jax.sampler import bucket_length, generate
+from gemma_jax.scoring import completion_logprobs, token_logprobs
 from grpo.advantages import compute_advantages, zero_std_fraction
+from rewards.format import is_strict
+from rewards.math import math_correct
+from rewards.router import compute_rewards, reward_type
 
 
 def record_system(record: dict) -> str:
     """The record's system prompt, else the one of its domain (data/rl.py)."""
     if record.get("system"):
         return str(record["system"])
-    from data.rl import system_prompt_for
-
     return system_prompt_for(str(record.get("domain") or "general"))
 
 
@@ -104,13 +106,8 @@ def make_score_fn(params, cfg, lora, *, pad_id: int = 0, max_rows: int = 16):
 def text_metrics(texts, records) -> dict:
     """Strict-format rate over all samples and math accuracy (extracted answer equivalent to the reference) over
     the math-domain samples (NaN when there are none)."""
-    from rewards.format import is_strict
-    from rewards.math import extract_answer, is_equivalent
-    from rewards.router import reward_type
-
     is_math = [reward_type(r, i) == "math" for i, r in enumerate(records)]
-    correct = [is_equivalent(extract_answer(t), str(r.get("answer", ""))) for t, r, m in zip(texts, records, is_math)
-               if m]
+    correct = [math_correct(t, r.get("answer", "")) for t, r, m in zip(texts, records, is_math) if m]
     return {"strict_format_rate": float(np.mean([is_strict(t) for t in texts])) if texts else float("nan"),
             "math_accuracy": float(np.mean(correct)) if correct else float("nan")}
 
@@ -145,13 +142,14 @@ def trim_padding(ro: dict, lengths, multiple: int = 16) -> dict:
     return out
 
 
-def rollout(params, cfg, lora, records, tokenizer, *, hp, reward_fn, reward_cfg=None, prob_state=None,
+def rollout(params, cfg, lora, records, tokenizer, *, hp, reward_fn=compute_rewards, reward_cfg=None, prob_state=None,
             seed: int = 0, score_micro_batch: int = 16):
     """Sample G completions for each record, score them and compute advantages.
 
     hp: grpo.learner.GRPOHParams (group_size, temperature, top_k, top_p, max_prompt_tokens, max_new_tokens,
-    adv_scale, mask_truncated, beta, num_iterations, micro_batch). reward_fn has rewards.router.compute_rewards's
-    signature. Returns (rollout dict, texts, metrics, new prob state)."""
+    adv_scale, mask_truncated, beta, num_iterations, micro_batch). reward_fn: the recipe's domain-routed reward
+    (rewards.router.compute_rewards) unless another function with its signature is given.
+    Returns (rollout dict, texts, metrics, new prob state)."""
     G = hp.group_size
     prompts = [prompt_ids(r, tokenizer, hp.max_prompt_tokens) for r in records]
     t0 = time.perf_counter()

@@ -15,9 +15,13 @@ because (x A) B_k and (x A) B_v are what the fused adapter computes too.
 import json
 import os
 
+import jax
 import numpy as np
+from safetensors.numpy import save_file
 
+from gemma_jax.checkpoint import save_hf
 from gemma_jax.config import GemmaConfig
+from gemma_jax.sharding import to_host
 from lora.adapters import LoRA, merge
 from lora.io import check_lora_fits
 
@@ -36,12 +40,10 @@ _PEFT_MODULES = {
 def export_merged_hf(path, cfg: GemmaConfig, params: dict, lora: LoRA | None) -> None:
     """Write base params with the adapters merged in as a Hugging Face Gemma checkpoint (safetensors +
     config.json), in the params' dtype. The merge runs in float32 and is cast back once."""
-    import gemma_jax  # lazily: gemma_jax.checkpoint is heavy and may be absent in minimal setups
-
     if lora is not None:
         check_lora_fits(cfg, lora)
     merged = params if lora is None else merge(params, lora)
-    gemma_jax.save_hf(path, cfg, merged)
+    save_hf(path, cfg, merged)
 
 
 def _peft_pairs(name, a_LX, b_LX):
@@ -59,8 +61,6 @@ def _peft_pairs(name, a_LX, b_LX):
 def peft_tensors(lora: LoRA) -> dict:
     """PEFT state dict names -> numpy arrays (float32), e.g.
     base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight [R, D]."""
-    from gemma_jax.sharding import to_host
-
     host = to_host(lora.layers)
     out = {}
     for name, ab in host.items():
@@ -81,9 +81,6 @@ def export_peft(path, cfg: GemmaConfig, lora: LoRA, *, base_model_name_or_path: 
     lora_alpha = scale * r, so PEFT's scaling lora_alpha / r equals ours. Tensors are float32 (PEFT casts them
     to the base model's dtype on load). Multi-host: every process calls it, process 0 writes.
     """
-    import jax
-    from safetensors.numpy import save_file
-
     rank = check_lora_fits(cfg, lora)
     tensors = peft_tensors(lora)
     if jax.process_index() != 0:

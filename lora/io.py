@@ -14,8 +14,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from gemma_jax.config import GemmaConfig
+from gemma_jax.sharding import to_host
 from lora.adapters import LoRA, lora_shapes
 
 TENSORS_FILE = "lora.safetensors"
@@ -36,8 +39,6 @@ def model_fingerprint(cfg: GemmaConfig) -> tuple[dict, str]:
 
 
 def _to_host(tree):
-    from gemma_jax.sharding import to_host
-
     return to_host(tree)
 
 
@@ -58,8 +59,6 @@ def save_adapters(path, lora: LoRA, cfg: GemmaConfig, extra: dict | None = None)
     Multi-host: every process must call this (the adapters are gathered collectively); only process 0 writes.
     Files are written to temporary names and renamed, so a crash never leaves a half-written adapter.
     """
-    from safetensors.numpy import save_file
-
     rank = check_lora_fits(cfg, lora)
     targets = list(lora.layers)
     host = _to_host(lora.layers)
@@ -139,8 +138,6 @@ def load_adapters(path, cfg: GemmaConfig | None = None, *, rank: int | None = No
     cfg (the model: every architecture field must match), rank, alpha, targets (as a set). dtype: cast to it
     (default: keep the stored dtype). The arrays are placed on the default device; use
     gemma_jax.sharding.shard(lora, lora_shardings(lora, mesh)) to shard them."""
-    from safetensors import safe_open
-
     meta = read_adapter_meta(path)
     meta_path = os.path.join(path, META_FILE)
     _check_expected(meta_path, meta, cfg, rank, alpha, targets)

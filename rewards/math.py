@@ -45,6 +45,8 @@ import math
 import re
 from fractions import Fraction
 
+from rewards.tags import ANSWER_END, ANSWER_START
+
 MAX_ANSWER_CHARS = 1000
 MAX_DEPTH = 64
 MAX_EXPONENT = 1000
@@ -121,11 +123,11 @@ def extract_answer(text: str) -> str | None:
     """The answer block's content (stripped), else the last \\boxed{} content, else None (module docstring)."""
     if not isinstance(text, str):
         return None
-    end = text.rfind("</answer>")
-    start = text.rfind("<answer>", 0, end) if end >= 0 else -1
+    end = text.rfind(ANSWER_END)
+    start = text.rfind(ANSWER_START, 0, end) if end >= 0 else -1
     if start >= 0:  # the last <answer> that is closed, up to its first </answer>
-        end = text.find("</answer>", start)
-        ans = text[start + len("<answer>"):end].strip()
+        end = text.find(ANSWER_END, start)
+        ans = text[start + len(ANSWER_START):end].strip()
     else:
         ans = (_last_command_arg(text, ("\\boxed", "\\fbox")) or "").strip()
     return ans or None
@@ -181,11 +183,6 @@ def _strip_markup(normalized: str) -> str:
     """The 1.5 tier's form: lower case with markup characters (emphasis, brackets, quotes, `:;!?`) removed.
     Spaces are kept: normalisation already removed those not between two alphanumerics."""
     return _MARKUP_RE.sub("", normalized.lower())
-
-
-def stripped_form(s: str) -> str:
-    """`_strip_markup(normalize_answer(s))`: "**42**" -> "42", "(B)" -> "b"."""
-    return _strip_markup(normalize_answer(s))
 
 
 # ---- bounded arithmetic parser (no eval) -----------------------------------------------------------------------
@@ -419,6 +416,12 @@ def is_equivalent(pred: str, ref: str) -> bool:
     if npred and npred == nref:
         return True
     return _values_equal(_parse_normalized(npred), _parse_normalized(nref))
+
+
+def math_correct(completion: str, reference) -> bool:
+    """The math-accuracy metric (training logs and evaluation alike): the completion's extracted answer is
+    equivalent to the reference."""
+    return is_equivalent(extract_answer(completion), str(reference))
 
 
 def _in_band(ratio, band) -> bool:

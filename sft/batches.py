@@ -83,11 +83,6 @@ def encode_example(record: dict, tokenizer, max_len: int, *, where: str = "recor
     return Example(tokens=tokens, loss_mask=mask)
 
 
-def completion_length(record: dict, tokenizer) -> int:
-    """Target length in tokens (completion + <end_of_turn>), for filters like stage 2's completions <= 1024."""
-    return len(tokenizer.encode(render_completion(record["reasoning"], record["answer"]))) + 1
-
-
 def plan_rows(lengths, max_len: int, pack: bool) -> list[list[int]]:
     """Which examples go in which row. Without packing one example per row; with packing, consecutive examples
     share a row while they fit (data order kept, so resuming at a row index is deterministic)."""

@@ -24,11 +24,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma_jax import train_state  # noqa: E402
 from gemma_jax.config import TINY  # noqa: E402
 from gemma_jax.model import forward, init_params  # noqa: E402
 from lora import init_lora  # noqa: E402
-from sft.optim import adamw_init, adamw_update, clip_by_global_norm, lr_schedule  # noqa: E402
+from train import state as train_state  # noqa: E402
+from train.optim import adamw_init, adamw_update, clip_by_global_norm, lr_schedule  # noqa: E402
 
 ROWS, T, B = 16, 16, 4
 

@@ -32,7 +32,7 @@ def train(mesh, local_tokens):
     from gemma_jax.config import TINY
     from gemma_jax.model import forward, init_params
     from lora import init_lora
-    from sft.optim import adamw_init, adamw_update
+    from train.optim import adamw_init, adamw_update
 
     def loss_fn(lora, params, tokens_BT):
         logits_BTV, _ = forward(params, tokens_BT, TINY, lora=lora)

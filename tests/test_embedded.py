@@ -1,4 +1,4 @@
-"""The embedded default's data generator and bundled files (data/tiny_tasks.py, bundled/, grpo/embedded.py)."""
+"""The embedded default's data generator and bundled files (data/tiny_tasks.py, bundled/, cli/embedded.py)."""
 
 import csv
 import filecmp
@@ -8,8 +8,8 @@ from fractions import Fraction
 
 import pytest
 
+from cli.embedded import GRPO_ARGS, PATHS, SFT_ARGS
 from data import tiny_tasks
-from grpo.embedded import GRPO_ARGS, PATHS, SFT_ARGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+)(?: ([-+*/]) (\d+))? = (-?\d+)\.")
@@ -52,7 +52,7 @@ def test_bundled_data_is_the_generators_output(generated):
     out, _ = generated
     for name in ("sft_train.csv", "sft_eval.csv", "rl_train.csv", "rl_eval.csv"):
         assert filecmp.cmp(os.path.join(out, name), os.path.join(ROOT, "bundled", "data", name), shallow=False), \
-            f"bundled/data/{name} differs from `python -m data.tiny_tasks` output: rerun runs/tiny.sh"
+            f"bundled/data/{name} differs from `python -m data.tiny_tasks` output: rerun scripts/tiny.sh"
 
 
 def test_heldout_split_shares_no_question(generated):
@@ -92,9 +92,9 @@ def test_answers_are_computed_and_both_forms_agree():
 def test_sft_traces_mix_long_and_short_one_to_four(generated):
     """The generator's teacher writes ~20% long traces; the stage-1 CoT mix with the embedded threshold takes an
     exact 1:4 long:short set from them."""
+    from cli.sft import load_records
     from data.mix import mix_long_short
     from gemma_jax.tokenizer import Tokenizer
-    from sft.cli import load_records
 
     tok = Tokenizer(PATHS["tokenizer"])
     out, _ = generated
@@ -115,7 +115,7 @@ def test_sft_traces_mix_long_and_short_one_to_four(generated):
 def test_bundled_sft_adapters_follow_the_format():
     """The committed SFT checkpoint (what `run.py --stage grpo` starts from) keeps the output contract on the
     held-out split: strict format >= 95% as the issue requires (greedy, first 64 records)."""
-    from grpo.embedded import heldout_eval
+    from cli.embedded import heldout_eval
 
     m = heldout_eval(PATHS["sft_adapters"], limit=64)
     assert m["num_records"] == 64
@@ -125,12 +125,12 @@ def test_bundled_sft_adapters_follow_the_format():
 
 def test_embedded_settings_fit_the_bundled_prompts():
     """Every held-out and training prompt fits --max-prompt-tokens untruncated."""
+    from cli.grpo import load_rl_records
     from gemma_jax.tokenizer import Tokenizer
-    from grpo.evaluate import load_rl_records
     from grpo.rollout import prompt_ids
 
     tok = Tokenizer(PATHS["tokenizer"])
     budget = int(GRPO_ARGS[GRPO_ARGS.index("--max-prompt-tokens") + 1])
     for key in ("rl_train", "rl_eval"):
-        for r in load_rl_records(PATHS[key], tok):
+        for r in load_rl_records([PATHS[key]], tok, kind="recipe_csv"):
             assert len(tok.encode_chat(r["question"], r["system"])) == len(prompt_ids(r, tok, budget)) <= budget

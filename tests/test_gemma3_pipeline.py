@@ -76,7 +76,7 @@ def _record(i):
 def test_sft_steps_lower_the_loss_on_gemma3(tokenizer, tmp_path):
     params = jax.jit(init_params, static_argnums=(0, 1))(CFG, 0)
     data = SFTData([encode_example(_record(i), tokenizer, 64) for i in range(8)], batch_size=4, max_len=64, seed=0)
-    hp = HParams(peak_lr=1e-2, warmup_steps=5, total_steps=30, weight_decay=0.0, clip=1.0)
+    hp = HParams(lr=1e-2, warmup_steps=5, steps=30, grad_accum=1, weight_decay=0.0, clip=1.0)
     train_loop(CFG, params, init_lora(CFG, 8, 16.0, seed=0), data, hp, str(tmp_path), save_every=100,
                print_fn=lambda *a: None)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -89,7 +89,7 @@ def test_sft_steps_lower_the_loss_on_gemma3(tokenizer, tmp_path):
 RECORDS = [{"question": f"what is {i} plus {i * 3}?", "answer": str(4 * i), "domain": "math", "system": "Be brief."}
            for i in range(8)]
 HP = GRPOHParams(group_size=8, prompts_per_step=4, micro_batch=8, beta=0.0, temperature=1.0, top_k=None, top_p=None,
-                 max_prompt_tokens=32, max_new_tokens=8, lr=3e-3, total_steps=6, weight_decay=0.0, clip=1.0)
+                 max_prompt_tokens=32, max_new_tokens=8, lr=3e-3, steps=6, weight_decay=0.0, clip=1.0)
 
 
 def _first_token_probs(params, lora, tokenizer):

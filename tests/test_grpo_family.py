@@ -97,7 +97,8 @@ def _trl_is_ratio(a, mode, clip_max, clip_min=None):
     import textwrap
 
     src = inspect.getsource(GRPOTrainer._generate_and_score_completions)
-    start = src.index("            if self.use_vllm and self.vllm_importance_sampling_correction:\n                mask =")
+    start = src.index("            if self.use_vllm and self.vllm_importance_sampling_correction:\n"
+                      "                mask =")
     end = src.index("            # Compute the per-token log probabilities for the reference model")
     block = textwrap.dedent(src[start:end])
     self = types.SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True,

@@ -20,12 +20,12 @@ from gemma_jax.tokenizer import Tokenizer
 from grpo.learner import GRPOHParams, to_micro_batches, train, train_step
 from grpo.rollout import prompt_ids, rollout
 from lora.adapters import init_lora
-from sft.optim import adamw_init
+from train.optim import adamw_init
 
 RECORDS = [{"question": f"what is {i} plus {i * 3}?", "answer": str(4 * i), "domain": "math", "system": "Be brief."}
            for i in range(8)]
 HP = GRPOHParams(group_size=8, prompts_per_step=4, micro_batch=8, beta=0.0, temperature=1.0, top_k=None, top_p=None,
-                 max_prompt_tokens=32, max_new_tokens=8, lr=3e-3, total_steps=6, weight_decay=0.0, clip=1.0)
+                 max_prompt_tokens=32, max_new_tokens=8, lr=3e-3, steps=6, weight_decay=0.0, clip=1.0)
 
 
 def make_toy_reward(target_id):
@@ -63,7 +63,7 @@ def run_toy(out_dir, tok_path, steps, stop_at_step=None):
     params = init_params(TINY, seed=0)
     lora = init_lora(TINY, rank=4, alpha=8.0, seed=1)
     reward_fn = make_toy_reward(pick_target(params, tokenizer))
-    hp = dataclasses.replace(HP, total_steps=steps)
+    hp = dataclasses.replace(HP, steps=steps)
     return train(TINY, params, lora, RECORDS, tokenizer, hp, out_dir, reward_fn=reward_fn, save_every=1,
                  sample_every=0, seed=3, stop_at_step=stop_at_step, print_fn=lambda *a: None)
 

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 from tunix.rl import algo_core, common
 
-from grpo.advantages import compute_advantages, zero_std_fraction
 from gemma_jax.scoring import logprobs_from_logits as completion_logprobs
+from grpo.advantages import compute_advantages, zero_std_fraction
 from grpo.loss import LOSS_AGG_MODES, grpo_loss
 
 B, P, C, V, G = 8, 3, 6, 11, 4

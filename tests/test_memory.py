@@ -1,4 +1,4 @@
-"""gemma_jax/memory.py: the estimate equals the bytes of arrays actually created (params, LoRA, AdamW state,
+"""train/memory.py: the estimate equals the bytes of arrays actually created (params, LoRA, AdamW state,
 KV cache; on one device and per device on a fake 8-device mesh), and the activation model is within a stated
 factor of XLA's own temp-buffer size for a compiled LoRA train step."""
 
@@ -8,12 +8,12 @@ import jax
 import pytest
 
 from bench.memory_report import compile_step
-from gemma_jax import memory
 from gemma_jax.config import TINY, TINY_GEMMA1
 from gemma_jax.model import init_cache, init_params
 from gemma_jax.sharding import cache_shardings, lora_shardings, make_mesh, param_shardings
 from lora import init_lora
-from sft.optim import adamw_init
+from train import memory
+from train.optim import adamw_init
 
 
 def total_nbytes(tree):

@@ -1,4 +1,4 @@
-"""sft/optim.py against optax: AdamW (decoupled weight decay) + warmup-cosine schedule + global-norm clipping."""
+"""train/optim.py against optax: AdamW (decoupled weight decay) + warmup-cosine schedule + global-norm clipping."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from sft.optim import adamw_init, adamw_update, clip_by_global_norm, global_norm, lr_schedule
+from train.optim import adamw_init, adamw_update, clip_by_global_norm, global_norm, lr_schedule
 
 PEAK, WARMUP, TOTAL, WD, CLIP = 3e-3, 5, 20, 0.1, 1.0
 

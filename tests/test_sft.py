@@ -17,7 +17,7 @@ from lora.adapters import LoRA, init_lora
 from rewards.tags import render_completion
 from sft.batches import SFTData, encode_example, make_batch
 from sft.loss import per_example_loss, sft_loss
-from sft.train import HParams, _accumulate, train_loop, train_step
+from sft.train import HParams, accumulated_grads, train_loop, train_step
 
 # Tunix scales queries by head_dim**-0.5, so the shared config has query_pre_attn_scalar == head_dim.
 CFG = dataclasses.replace(TINY, query_pre_attn_scalar=TINY.head_dim)
@@ -202,13 +202,13 @@ def test_loss_grads_and_step_match_tunix_peft_trainer(params, lora, batch):
         np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
     # one full optimizer step through the PeftTrainer (clip + AdamW + cosine lr) vs our train_step
-    hp = HParams(peak_lr=1e-3, warmup_steps=0, total_steps=10, weight_decay=0.1, clip=0.5)
+    hp = HParams(lr=1e-3, warmup_steps=0, steps=10, weight_decay=0.1, clip=0.5)
     tx = optax.chain(optax.clip_by_global_norm(hp.clip),
-                     optax.adamw(optax.cosine_decay_schedule(hp.peak_lr, hp.total_steps), weight_decay=hp.weight_decay))
+                     optax.adamw(optax.cosine_decay_schedule(hp.lr, hp.steps), weight_decay=hp.weight_decay))
     trainer = peft_trainer.PeftTrainer(model, tx, peft_trainer.TrainingConfig(eval_every_n_steps=100, max_steps=1))
     tunix_step, _ = trainer.jit_train_and_eval_step()
     t_loss2, _, t_norm = tunix_step(inputs)
-    new_lora, _, metrics = train_step(lora, init_opt(lora), params, jax.tree.map(lambda x: x[None], batch), 0,
+    new_lora, _, metrics = train_step(lora, init_opt(lora), params, jax.tree.map(lambda x: x[None], batch),
                                       cfg=CFG, hp=hp)
     assert float(metrics["loss"]) == pytest.approx(float(t_loss2), rel=1e-5)
     assert float(metrics["grad_norm"]) == pytest.approx(float(t_norm), rel=1e-5)
@@ -224,7 +224,7 @@ def test_loss_grads_and_step_match_tunix_peft_trainer(params, lora, batch):
 
 
 def init_opt(lo):
-    from sft.optim import adamw_init
+    from train.optim import adamw_init
 
     return adamw_init(lo)
 
@@ -238,7 +238,7 @@ def test_k_micro_batches_equal_one_big_batch(params, lora, tokenizer):
     micro = {k: v.reshape(3, 2, *v.shape[1:]) for k, v in big.items()}  # 3 micro-batches, unequal token counts
     counts = micro["loss_mask"][:, :, 1:].sum(axis=(1, 2))
     assert len(set(counts.tolist())) > 1
-    acc = jax.jit(_accumulate, static_argnames="cfg")
+    acc = jax.jit(accumulated_grads, static_argnames="cfg")
     loss_k, g_k, n_k = acc(lora, params, micro, cfg=CFG)
     loss_1, g_1, n_1 = acc(lora, params, jax.tree.map(lambda x: x[None], big), cfg=CFG)
     assert float(n_k) == float(n_1) == big["loss_mask"][:, 1:].sum()
@@ -270,10 +270,10 @@ def test_packed_row_gives_each_example_its_own_loss(params, lora, tokenizer):
 def test_train_loop_learns_logs_and_resumes_exactly(params, tokenizer, tmp_path):
     exs = [encode_example(_record(i), tokenizer, 64) for i in range(8)]
     data = SFTData(exs, batch_size=4, max_len=64, seed=0)
-    hp = HParams(peak_lr=1e-2, warmup_steps=10, total_steps=100, weight_decay=0.0, clip=1.0)
+    hp = HParams(lr=1e-2, warmup_steps=10, steps=100, weight_decay=0.0, clip=1.0, grad_accum=2)
     lo = init_lora(CFG, 8, 16.0, seed=0)
     quiet = lambda *a: None  # noqa: E731
-    run = lambda out, stop: train_loop(CFG, params, lo, data, hp, str(out), grad_accum=2, save_every=50,  # noqa: E731
+    run = lambda out, stop: train_loop(CFG, params, lo, data, hp, str(out), save_every=50,  # noqa: E731
                                        stop_at_step=stop, print_fn=quiet)
     a10, _, _ = run(tmp_path / "a", 10)
     run(tmp_path / "b", 6)
@@ -299,9 +299,10 @@ def test_train_loop_learns_logs_and_resumes_exactly(params, tokenizer, tmp_path)
 def test_cli_trains_saves_adapters_and_resumes(tokenizer_path, tmp_path, capsys):
     import csv
 
+    from cli.common import UsageError
+    from cli.sft import main
     from gemma_jax.checkpoint import save_hf
     from lora.io import load_adapters
-    from sft.cli import main
 
     save_hf(str(tmp_path / "base"), CFG, jax.jit(init_params, static_argnums=(0, 1))(CFG, 0))
     with open(tmp_path / "sft.csv", "w", newline="") as f:
@@ -322,5 +323,5 @@ def test_cli_trains_saves_adapters_and_resumes(tokenizer_path, tmp_path, capsys)
     lo = load_adapters(str(tmp_path / "run" / "adapters"), CFG, rank=4, alpha=8.0)
     assert sorted(lo.layers) == sorted(["q", "kv", "gate", "up", "down"])
     assert float(jnp.abs(lo.layers["q"]["b"]).max()) > 0  # trained: B left its zero init
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--base"):
         main(["--data", str(tmp_path / "sft.csv")])  # --data without --base

@@ -12,7 +12,7 @@ from gemma_jax import sharding as sh
 from gemma_jax.config import GEMMA2_2B, TINY
 from gemma_jax.model import ParamSpec, forward, init_cache, param_specs
 from lora import DEFAULT_TARGETS, LoRA, init_lora, lora_shapes
-from sft.optim import adamw_init, adamw_update
+from train.optim import adamw_init, adamw_update
 
 CFG = TINY
 MESHES = ["fsdp=8", "fsdp=4,tp=2", "data=2,tp=4"]

@@ -1,4 +1,4 @@
-"""Training-state checkpoints (gemma_jax/train_state.py): exact round trip, keep-last-N, stale folders,
+"""Training-state checkpoints (train/state.py): exact round trip, keep-last-N, stale folders,
 mismatch errors, restoring onto a mesh, and a real crash test: a training subprocess (tests/crash_worker.py)
 is SIGKILLed at several points, including inside a save, and resumed; its final adapters must equal an
 uninterrupted run's, and every checkpoint left behind must be readable."""
@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_jax import train_state as ts
 from gemma_jax.config import TINY, TINY_GEMMA1
 from lora import init_lora
-from sft.optim import adamw_init
+from train import state as ts
+from train.optim import adamw_init
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_worker.py")
 

@@ -1,7 +1,7 @@
-"""Rebuild the embedded default's tokenizer and pre-trained base model from scratch (used by runs/tiny.sh).
+"""Rebuild the embedded default's tokenizer and pre-trained base model from scratch (used by scripts/tiny.sh).
 
-    python runs/make_tiny.py tokenizer --data bundled/data --out bundled
-    python runs/make_tiny.py pretrain  --data bundled/data --out bundled --steps 1500
+    python scripts/make_tiny.py tokenizer --data bundled/data --out bundled
+    python scripts/make_tiny.py pretrain  --data bundled/data --out bundled --steps 1500
 
 The tokenizer is a sentencepiece BPE model with Gemma's special-id layout (pad 0, eos 1, bos 2, unk 3, then
 <start_of_turn>, <end_of_turn> and the reasoning/answer tags) and Gemma's habits: digits split one per token, text
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from gemma_jax.config import GemmaConfig  # noqa: E402
 from gemma_jax.model import count_params, forward, init_params  # noqa: E402
 from gemma_jax.tokenizer import Tokenizer  # noqa: E402
-from sft.optim import adamw_init, adamw_update, clip_by_global_norm, lr_schedule  # noqa: E402
+from train.optim import adamw_init, adamw_update, clip_by_global_norm, lr_schedule  # noqa: E402
 
 SPECIAL_PIECES = ["<start_of_turn>", "<end_of_turn>", "<reasoning>", "</reasoning>", "<answer>", "</answer>"]
 

@@ -1,7 +1,7 @@
 """The embedded default: `python run.py --stage sft|grpo` with no model or data arguments, on a plain CPU.
 
 It runs the recipe end to end on the bundled tiny Gemma-2-architecture model (bundled/base, built by
-runs/tiny.sh) and the bundled task data (data/tiny_tasks.py), with settings sized for two CPU cores, and shows
+scripts/tiny.sh) and the bundled task data (data/tiny_tasks.py), with settings sized for two CPU cores, and shows
 that it learned: a before/after table on the held-out split (strict-format rate, math accuracy, mean probability
 reward, mean completion length, and how the math answers reason: the share worked step by step and the accuracy
 of each form), greedy decoding as in the recipe's evaluation.
@@ -18,6 +18,14 @@ Extra command-line options are passed through to the stage (e.g. --steps 20 --se
 import json
 import os
 
+from cli import grpo as grpo_cli
+from cli import sft as sft_cli
+from cli.common import UsageError, load_model
+from grpo.evaluate import evaluate
+from rewards.format import strict_blocks
+from rewards.math import math_correct
+from train.metrics import read_metrics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "bundled")
 PATHS = {
@@ -31,9 +39,9 @@ PATHS = {
 }
 SFT_OUT, GRPO_OUT = os.path.join("runs", "sft-default"), os.path.join("runs", "grpo-default")
 
-# Sized for the tiny model on 2 CPU cores (the recipe's Gemma-2-2B values are the CLIs' own defaults).
+# Sized for the tiny model on 2 CPU cores (the recipe's Gemma-2-2B values are the stages' own defaults).
 SFT_ARGS = ["--lr", "2e-3", "--max-len", "128", "--batch", "8", "--grad-accum", "1", "--steps", "600",
-            "--warmup", "20", "--weight-decay", "0", "--clip", "1.0", "--lora-rank", "8", "--lora-alpha", "16",
+            "--warmup-steps", "20", "--weight-decay", "0", "--clip", "1.0", "--lora-rank", "8", "--lora-alpha", "16",
             "--eval-every", "100", "--long-threshold", "15"]
 GRPO_ARGS = ["--steps", "60", "--prompts-per-step", "16", "--group-size", "8", "--micro-batch", "32",
              "--max-prompt-tokens", "96", "--max-new-tokens", "64", "--temperature", "1.0", "--top-k", "10",
@@ -47,20 +55,13 @@ EVAL_KEYS = ("strict_format_rate", "math_accuracy", "prob_reward_mean", "complet
 def check_bundled():
     missing = [p for k, p in PATHS.items() if k != "sft_adapters" and not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(f"the embedded default needs the bundled files; missing: {missing}. "
-                                "Rebuild them with `bash runs/tiny.sh`, or pass --base/--data explicitly.")
-
-
-def _option(argv, name, default):
-    return argv[argv.index(name) + 1] if name in argv else default
+        raise UsageError(f"the embedded default needs the bundled files; missing: {missing}. "
+                         "Rebuild them with `bash scripts/tiny.sh`, or pass --base/--data explicitly.")
 
 
 def math_forms(records, texts) -> dict:
     """How the math completions reason: the share written step by step (two equations, the long form of the
     bundled traces) rather than in one line, and the accuracy of each form. This is what GRPO changes here."""
-    from rewards.format import strict_blocks
-    from rewards.math import extract_answer, is_equivalent
-
     counts = {"step_by_step": [0, 0], "one_line": [0, 0]}
     for r, t in zip(records, texts):
         if r.get("domain") != "math":
@@ -68,7 +69,7 @@ def math_forms(records, texts) -> dict:
         parsed = strict_blocks(t)
         form = "step_by_step" if parsed and parsed[0].count("=") >= 2 else "one_line"
         counts[form][0] += 1
-        counts[form][1] += bool(is_equivalent(extract_answer(t), str(r["answer"])))
+        counts[form][1] += math_correct(t, r["answer"])
     n = sum(c[0] for c in counts.values())
     out = {"math_step_by_step_share": counts["step_by_step"][0] / max(n, 1)}
     for form, (k, right) in counts.items():
@@ -78,11 +79,8 @@ def math_forms(records, texts) -> dict:
 
 def heldout_eval(adapters, *, max_new_tokens=64, limit=None, samples_path=None):
     """Greedy metrics of the bundled base (+ adapters, if given) on the held-out RL split."""
-    from grpo.cli import load_model_and_tokenizer
-    from grpo.evaluate import evaluate, load_rl_records
-
-    cfg, params, lora, tok = load_model_and_tokenizer(PATHS["base"], PATHS["tokenizer"], adapters)
-    records = load_rl_records(PATHS["rl_eval"], tok, limit=limit)
+    cfg, params, lora, tok = load_model(PATHS["base"], PATHS["tokenizer"], adapters)
+    records = grpo_cli.load_rl_records([PATHS["rl_eval"]], tok, kind="recipe_csv", limit=limit)
     metrics, texts = evaluate(params, cfg, lora, records, tok, max_prompt_tokens=96, max_new_tokens=max_new_tokens,
                               batch_size=64, samples_path=samples_path, return_texts=True)
     return {**metrics, **math_forms(records, texts)}
@@ -105,8 +103,6 @@ def plot_curves(out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from sft.metrics import read_metrics
-
     train, evals = read_metrics(out_dir, "train"), read_metrics(out_dir, "eval")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     key = "reward/mean" if train and "reward/mean" in train[0] else "loss"
@@ -123,34 +119,34 @@ def plot_curves(out_dir):
     return path
 
 
-def main(stage: str, argv: list) -> int:
-    check_bundled()
+def stage_argv(stage: str, argv: list) -> list:
+    """The full command line of the stage: the bundled model and data, the sizes above, then the user's own
+    flags (argparse keeps the last value given, so the user's --out, --steps, ... win)."""
+    common = ["--base", PATHS["base"], "--tokenizer", PATHS["tokenizer"]]
     if stage == "sft":
-        from sft.cli import main as stage_main
+        return [*common, "--data", PATHS["sft_train"], "--eval-data", PATHS["sft_eval"], "--out", SFT_OUT,
+                *SFT_ARGS, *argv]
+    start = os.path.join(SFT_OUT, "adapters")
+    start = start if os.path.exists(start) else PATHS["sft_adapters"]
+    return [*common, "--data", PATHS["rl_train"], "--eval-data", PATHS["rl_eval"], "--init-adapters", start,
+            "--out", GRPO_OUT, *GRPO_ARGS, *argv]
 
-        out = _option(argv, "--out", SFT_OUT)
-        start = None
-        args = ["--base", PATHS["base"], "--tokenizer", PATHS["tokenizer"], "--data", PATHS["sft_train"],
-                "--eval-data", PATHS["sft_eval"], "--out", out, *SFT_ARGS]
-    else:
-        from grpo.cli import main as stage_main
 
-        out = _option(argv, "--out", GRPO_OUT)
-        start = os.path.join(SFT_OUT, "adapters")
-        start = _option(argv, "--sft-adapters", start if os.path.exists(start) else PATHS["sft_adapters"])
-        if not os.path.exists(start):
-            raise FileNotFoundError(f"no SFT adapters at {start}: run `python run.py --stage sft` first")
-        args = ["--base", PATHS["base"], "--tokenizer", PATHS["tokenizer"], "--data", PATHS["rl_train"],
-                "--eval-data", PATHS["rl_eval"], "--sft-adapters", start, "--out", out, *GRPO_ARGS]
-    passthrough = [a for i, a in enumerate(argv) if a not in ("--out", "--sft-adapters")
-                   and (i == 0 or argv[i - 1] not in ("--out", "--sft-adapters"))]
-    args += passthrough  # later options win in argparse
+def main(stage: str, argv: list) -> int:
+    """Run the embedded default of `stage` (sft or grpo) with the user's extra flags `argv`."""
+    check_bundled()
+    module = sft_cli if stage == "sft" else grpo_cli
+    args = stage_argv(stage, argv)
+    parsed = module.build_parser().parse_args(args)
+    out, start = parsed.out, parsed.init_adapters
+    if start is not None and not os.path.exists(start):
+        raise UsageError(f"--init-adapters: no SFT adapters at {start}: run `python run.py --stage sft` first")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "resolved_config.json"), "w") as f:
         json.dump({"stage": stage, "argv": args}, f, indent=1)
     print(f"embedded default ({stage}): python run.py --stage {stage} " + " ".join(args))
     before = heldout_eval(start)
-    rc = stage_main(args)
+    rc = module.main(args)
     after = heldout_eval(os.path.join(out, "adapters"), samples_path=os.path.join(out, "samples.txt"))
     print_table(f"{stage.upper()} (start: {start or 'base model'})", before, after)
     with open(os.path.join(out, "summary.json"), "w") as f:

@@ -1,6 +1,6 @@
 """Crash-safe training-state checkpoints (orbax-checkpoint 0.12.8 underneath).
 
-A training state is any pytree of arrays: typically {"lora": lora.LoRA, "opt": sft.optim.adamw_init(...),
+A training state is any pytree of arrays: typically {"lora": lora.LoRA, "opt": train.optim.adamw_init(...),
 "step": int, "data_pos": int, "rng": uint32 key data}. Typed jax keys are accepted too (stored as key data).
 Each checkpoint is a folder `<directory>/step_<8 digits>/` holding
     state/       the arrays, written by orbax's StandardCheckpointer (sharded arrays are written shard by shard)
@@ -32,6 +32,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _STALE = re.compile(r"^step_\d{8,}\.(tmp|deleting)-")
@@ -190,8 +191,6 @@ class CheckpointManager:
 
     def _orbax(self):
         if self._checkpointer is None:
-            import orbax.checkpoint as ocp  # imported lazily: it takes ~1 s and most code never checkpoints
-
             self._checkpointer = ocp.StandardCheckpointer()
         return self._checkpointer
 

@@ -26,8 +26,9 @@ plain matmul is not needed, only the inputs of LoRA's A, of the nonlinearities a
 Without remat all L layers keep theirs; with per-layer remat only each layer's input [b,T,D] is kept and one
 layer's set is rebuilt (plus as much again in gradient temporaries) during its backward. The head adds the
 logits: [b,T,V] float32 x 2 (the softcapped logits and their gradient: the log-prob is taken as logit - logsumexp,
-no log-softmax kept); at V = 256k that is the biggest single term (2 x 2048 tokens on one device: 8.4 GB). The head's buffers are dead before the layers'
-backward starts, so the peak is   saved layers + max(logits, layer working set).
+no log-softmax kept); at V = 256k that is the biggest single term (2 x 2048 tokens on one device: 8.4 GB).
+The head's buffers are dead before the layers' backward starts, so the peak is
+    saved layers + max(logits, layer working set).
 The counts below were read off XLA's buffer assignment for a float32 step on a CPU; XLA's CPU backend computes
 bf16 elementwise ops in float32, so a bf16 step on a CPU holds more than on a TPU or GPU.
 """

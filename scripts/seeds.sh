@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's seed study: the default GRPO run (from bundled/sft_adapters) with seeds 0 1 2, then one table of
 # held-out math accuracy before/after, with the mean gain and the seed-to-seed spread. ~16 minutes on 2 cores.
-# Run from the repository root: bash runs/seeds.sh [SEED ...]
+# Run from the repository root: bash scripts/seeds.sh [SEED ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds=("${@:-0 1 2}")

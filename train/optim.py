@@ -61,3 +61,34 @@ def adamw_update(grads, state, params, lr, *, b1=0.9, b2=0.999, eps=1e-8, weight
 
     new_params = jax.tree.map(step, params, mu, nu)
     return new_params, {"count": count, "mu": mu, "nu": nu}
+
+
+def accumulate_grads(loss_fn, lora, micro):
+    """Gradients of `loss_fn` summed over the leading (micro-batch) axis of `micro`, in one `lax.scan`.
+
+    loss_fn(lora, mb) -> (loss, metrics dict); each micro-batch's loss must already be divided by the WHOLE
+    batch's normaliser, so the summed gradient equals one big batch's. Returns (summed grads in float32, the
+    metrics stacked along a leading [M] axis): the caller reduces them (a sum, a mean, a max) after the scan.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(acc, mb):
+        (_, metrics), grads = grad_fn(lora, mb)
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads), metrics
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), lora)
+    return jax.lax.scan(body, zeros, micro)
+
+
+def apply_update(grads, opt_state, params, hp):
+    """The step SFT and GRPO share: global-norm clip -> learning rate of this update -> AdamW.
+
+    Reads from `hp`: clip, lr, warmup_steps, total_updates, final_lr_ratio, b1, b2, eps, weight_decay. The lr
+    schedule is indexed by the optimizer's own update count (0 before the first update, optax's convention), so a
+    resumed run continues the schedule from its restored state. Returns (params, opt_state, {grad_norm, lr})."""
+    grads, grad_norm = clip_by_global_norm(grads, hp.clip)
+    lr = lr_schedule(opt_state["count"], peak_lr=hp.lr, warmup_steps=hp.warmup_steps, total_steps=hp.total_updates,
+                     final_ratio=hp.final_lr_ratio)
+    params, opt_state = adamw_update(grads, opt_state, params, lr, b1=hp.b1, b2=hp.b2, eps=hp.eps,
+                                     weight_decay=hp.weight_decay)
+    return params, opt_state, {"grad_norm": grad_norm, "lr": lr}

@@ -1,0 +1,1 @@
+"""What SFT and GRPO share: the optimizer step, training-state checkpoints, metrics logging, the memory planner."""
