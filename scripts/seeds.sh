@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds=("${@:-0 1 2}")
 for s in ${seeds[@]}; do
-  python run.py --stage grpo --sft-adapters bundled/sft_adapters --seed "$s" --out "runs/grpo-seed$s"
+  python run.py --stage grpo --init-adapters bundled/sft_adapters --seed "$s" --out "runs/grpo-seed$s"
 done
 python - ${seeds[@]} <<'PY'
 import json, statistics, sys

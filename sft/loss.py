@@ -37,14 +37,3 @@ def sft_loss(lora, params, batch, cfg):
     """Per-token mean NLL over the batch's target tokens (Tunix PeftTrainer default). Returns (loss, n_tokens)."""
     total, n = nll_sum(lora, params, batch, cfg)
     return total / jnp.maximum(n, 1.0), n
-
-
-def per_example_loss(lora, params, batch, cfg, num_segments: int):
-    """Mean NLL per packed segment: [B, num_segments] (segments 1..n; 0 where a segment has no target tokens).
-    Used to check that packing several examples in a row gives each the loss it has alone."""
-    nll, mask = token_nll(lora, params, batch, cfg)
-    seg = batch["segment_ids"][:, 1:]
-    onehot = seg[..., None] == jnp.arange(1, num_segments + 1)
-    sums = jnp.einsum("BT,BTS->BS", nll, onehot.astype(nll.dtype))
-    counts = jnp.einsum("BT,BTS->BS", mask.astype(nll.dtype), onehot.astype(nll.dtype))
-    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0)

@@ -335,7 +335,7 @@ def test_generate_cli_prints_the_greedy_completion(params, tokenizer, tokenizer_
     import run
 
     monkeypatch.setattr(g, "load_checkpoint", lambda path, dtype=None: (g.TINY, params))
-    rc = run.main(["--stage", "generate", "--ckpt", "unused", "--tokenizer", tokenizer_path, "--prompt",
+    rc = run.main(["--stage", "generate", "--base", "unused", "--tokenizer", tokenizer_path, "--prompt",
                    "what is 3 plus 9?", "--system", "Be brief.", "--max-new-tokens", "10"])
     assert rc == 0
     printed = capsys.readouterr().out

@@ -16,7 +16,7 @@ from gemma_jax.scoring import logprobs_from_logits
 from lora.adapters import LoRA, init_lora
 from rewards.tags import render_completion
 from sft.batches import SFTData, encode_example, make_batch
-from sft.loss import per_example_loss, sft_loss
+from sft.loss import sft_loss, token_nll
 from sft.train import HParams, accumulated_grads, train_loop, train_step
 
 # Tunix scales queries by head_dim**-0.5, so the shared config has query_pre_attn_scalar == head_dim.
@@ -227,6 +227,17 @@ def init_opt(lo):
     from train.optim import adamw_init
 
     return adamw_init(lo)
+
+
+def per_example_loss(lora, params, batch, cfg, num_segments: int):
+    """Mean NLL per packed segment: [B, num_segments] (segments 1..n; 0 where a segment has no target tokens).
+    Used to check that packing several examples in a row gives each the loss it has alone."""
+    nll, mask = token_nll(lora, params, batch, cfg)
+    seg = batch["segment_ids"][:, 1:]
+    onehot = seg[..., None] == jnp.arange(1, num_segments + 1)
+    sums = jnp.einsum("BT,BTS->BS", nll, onehot.astype(nll.dtype))
+    counts = jnp.einsum("BT,BTS->BS", mask.astype(nll.dtype), onehot.astype(nll.dtype))
+    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- accumulation, packing
