@@ -1,4 +1,4 @@
-"""One full GRPO step, ours vs Tunix 0.1.7's GRPOLearner, same run, same weights (REFERENCE.md §4, §8).
+"""One full GRPO step, ours vs Tunix 0.1.7's GRPOLearner, same run, same weights (docs/reference.md#grpo-in-tunix).
 
 A step = sampling (P prompts x G completions) + rewards + reference log-probs + advantages + one update.
 Both sides: the same TINY-shaped Gemma 2 (query_pre_attn_scalar = head_dim, Tunix's fixed query scale), LoRA

@@ -4,7 +4,7 @@ domain system prompts, and `prepare_rl`, which streams files, validates rows and
 RL record (plain dict): {"question", "answer" (y*, the reference), "answer_canon", "domain", "reward_model_type"
 ("math": rule-checked answer; "prob": RLPR probability of y*), "answer_type", "system", "source", "level"}.
 
-Sources (REFERENCE §7):
+Sources (column layouts: docs/reference.md#data-sets):
 - "open_rs": knoveleng/open-rs `problem, solution, answer, level`. Only unambiguous numeric answers are kept
   (`numeric_answer`): integer, decimal, fraction a/b, LaTeX \\frac{a}{b}; intervals, several answers, expressions
   and text are dropped under their own reasons. `level` must be Easy or Hard; then 1:3 Easy:Hard stratification

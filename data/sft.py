@@ -4,7 +4,7 @@ which streams files, validates every row and reports how many rows were dropped 
 SFT record (plain dict): {"prompt", "reasoning", "answer", "domain", "source", "system"}; the training target is
 `sft_completion(record)` = `<reasoning>\\n…\\n</reasoning>\\n<answer>\\n…\\n</answer>` (rewards.tags).
 
-Sources (REFERENCE §7):
+Sources (column layouts: docs/reference.md#data-sets):
 - "glaive": glaiveai/reasoning-v1-20m, `prompt`, `response` = `<think>…</think>` then the answer. Domain "general".
 - "bespoke": bespokelabs/Bespoke-Stratos-17k, `system`, `conversations` = [{from: user, value}, {from: assistant,
   value}] with `<|begin_of_thought|>…<|end_of_thought|>` `<|begin_of_solution|>…<|end_of_solution|>`.
@@ -53,8 +53,8 @@ DROP_REASONS = ("bad_json", "bad_csv_row", "missing_column", "null", "wrong_type
 
 @dataclass(frozen=True)
 class SFTBudgets:
-    """Token limits (None: no limit). The prompt counts the user turn text (system + message, REFERENCE §2);
-    the chat template's few marker tokens are not included."""
+    """Token limits (None: no limit). The prompt counts the user turn text (system + message,
+    docs/reference.md#tokenizer-and-chat-template); the chat template's few marker tokens are not included."""
     prompt: int | None = None
     completion: int | None = None
     total: int | None = None

@@ -5,7 +5,8 @@ Both loaders fill preallocated stacked numpy arrays one tensor (HF) or one layer
 memory is about one model plus one tensor, then hand the arrays to JAX leaf by leaf. Every tensor is checked: a
 missing, unknown, wrongly shaped, wrongly typed or truncated tensor raises a ValueError naming the tensor and file.
 
-HF names (REFERENCE.md §2), linear weights stored [out, in]; ours are [in, ...out] (model.py docstring):
+HF names (docs/reference.md#checkpoint-layouts), linear weights stored [out, in]; ours are [in, ...out]
+(model.py docstring):
     model.embed_tokens.weight [V,D] -> embed;  model.norm.weight [D] -> final_norm
     model.layers.{i}.self_attn.q_proj [N*H,D] -> q[i] [D,N,H];  k_proj / v_proj [K*H,D] -> k[i] / v[i] [D,K,H]
     model.layers.{i}.self_attn.o_proj [D,N*H] -> o[i] [N,H,D]

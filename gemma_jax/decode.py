@@ -2,18 +2,18 @@
 
 `model.forward(..., cache=...)` handles any number of new tokens against a stacked [L,B,S,K,H] cache under the
 layer scan; that is what the prefill uses. Decoding one token per step inside a `while_loop` is different work,
-and on XLA's CPU backend that general path cost about twice what the arithmetic needs (profiled at MID, B 32):
-the scan copied each layer's weights and each layer's cache slice out of the stacked arrays every step, and the
-one-query attention read every slot of the cache in every layer. Here instead:
+and on XLA's CPU backend that general path spent most of its time copying: the scan copied each layer's weights
+and each layer's cache slice out of the stacked arrays every step, and the one-query attention read every slot of
+the cache in every layer (measurements: docs/performance.md, 'Sampler decode step'). Here instead:
 
 - The weights are unstacked into one pytree per layer once, before the loop (`unstack_layers`), and the layers
   are unrolled: a step reads each weight in place. This holds a second copy of the layer weights while
   generating (the stacked ones stay alive for the caller).
 - Each layer has its own key buffer [B,K,H,C] and value buffer [B,K,C,H]: the layouts in which the one-query
   scores (q [G,H] @ k [H,C]) and the weighted sum of values (p [G,C] @ v [C,H]) are plain batched matrix products
-  with no transposed operand (with keys stored [B,K,C,H] a global layer's scores took 1.0 ms instead of 0.47 ms
-  in the MID, B 32 decode step). A step writes the new token's key and value into the buffers first and then
-  attends over them: the write is in place, because the old buffer has no other reader.
+  with no transposed operand (keys stored [B,K,C,H] made the scores about 2x slower). A step writes the new
+  token's key and value into the buffers first and then attends over them: the write is in place, because the old
+  buffer has no other reader.
 - A local (sliding-window) layer only ever needs the last W slots, so when the cache would be longer than W its
   buffer is a ring of W slots: Gemma 2 alternates local and global layers, so half the layers read W slots
   instead of the whole cache (Gemma 3: five layers in six, from `cfg.is_local_layer`). Each layer applies its

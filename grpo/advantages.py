@@ -1,4 +1,4 @@
-"""Group-relative advantages for GRPO (REFERENCE.md §4).
+"""Group-relative advantages for GRPO (docs/reference.md#grpo-in-tunix).
 
 Rollouts are grouped as G consecutive rows: rows i*G .. i*G+G-1 are the G completions of prompt i. Every
 completion gets one scalar advantage, broadcast over its tokens by the loss.

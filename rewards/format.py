@@ -1,4 +1,4 @@
-"""Format reward: the strict output contract and the recipe's partial credits (REFERENCE §5).
+"""Format reward: the strict output contract and the recipe's partial credits (docs/reference.md#format-reward).
 
 Strict contract (what `rewards.tags.render_completion` produces):
     optional whitespace, `<reasoning>`, non-empty text, `</reasoning>`, optional whitespace,

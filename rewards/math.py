@@ -28,7 +28,7 @@ arithmetic on those. The result is an exact `Fraction`, or a `float` only when \
 Equivalence (`is_equivalent`): equal normalised strings, or both parse and are equal: exactly as Fractions when
 both are exact, else as floats with relative tolerance `REL_TOL` = 1e-6.
 
-Score cascade (`math_reward`, values in `MathRewardConfig`, REFERENCE §5):
+Score cascade (`math_reward`, values in `MathRewardConfig`, docs/recipe.md#rewards):
     equivalent (normalised string match or equal value) -> 3.0. Numeric equality counts as exact: "0.5", "1/2"
                   and "\\frac{1}{2}" are the same answer, and scoring them differently would only add noise to the
                   group advantages.

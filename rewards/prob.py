@@ -1,4 +1,4 @@
-"""RLPR probability reward (REFERENCE §6, arXiv 2506.18254) for answers no rule can verify.
+"""RLPR probability reward (arXiv 2506.18254; docs/reference.md#probability-reward-rlpr) for answers no rule can verify.
 
 For a sampled completion with reasoning z and the reference answer y*:
     o'     = prompt + "<reasoning>\\n" + z + "\\n</reasoning>\\n<answer>\\n" + y*      (render_completion's layout)

@@ -1,4 +1,4 @@
-"""Per-sample reward routing and composition (REFERENCE §5).
+"""Per-sample reward routing and composition (docs/recipe.md#rewards).
 
 Each record picks its reward: `reward_model_type` ("math" | "prob") when present and non-empty, else "math" if
 `domain` == "math", else "prob".

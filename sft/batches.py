@@ -1,6 +1,6 @@
 """SFT examples to training batches: chat-template tokenisation, completion-only loss mask, truncation, packing.
 
-One example is the Gemma-IT chat turn pair (REFERENCE.md §2):
+One example is the Gemma-IT chat turn pair (docs/reference.md#tokenizer-and-chat-template):
 
     <bos><start_of_turn>user\\n{system}\\n\\n{prompt}<end_of_turn>\\n<start_of_turn>model\\n   (prompt: masked)
     {render_completion(reasoning, answer)}<end_of_turn>                                  (target: trained)

@@ -119,7 +119,8 @@ def test_kaggle_matches_tunix_loader(cfg, gating_fd, pad_rows, tmp_path):
             assert want.shape[0] == cfg.vocab_size + pad_rows
             want = want[: cfg.vocab_size]  # we keep the real vocabulary only (checkpoint.py docstring)
         assert np.array_equal(want, mine[key]), key
-    tokens = np.random.RandomState(0).randint(4, cfg.vocab_size, (2, 20))  # unpadded rows (REFERENCE §1)
+    # unpadded rows: Tunix's window mask differs on left-padded ones (docs/reference.md#window-and-left-padding)
+    tokens = np.random.RandomState(0).randint(4, cfg.vocab_size, (2, 20))
     theirs = np.asarray(_tunix_logits(tunix_model, jnp.asarray(tokens)))[..., : cfg.vocab_size]
     assert np.abs(np.asarray(forward(ours, jnp.asarray(tokens), cfg)[0]) - theirs).max() <= 1e-4
 

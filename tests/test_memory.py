@@ -88,7 +88,7 @@ def test_remat_and_sharding_shrink_the_estimate():
 
     kw = dict(param_dtype="bfloat16", lora_rank=32, batch=2, seq_len=2048)
     one = memory.estimate_bytes(GEMMA2_2B, **kw, remat=True)
-    # The bf16 2B base is 2 bytes x 2,614,341,888 parameters (REFERENCE.md §1, tied embedding).
+    # The bf16 2B base is 2 bytes x 2,614,341,888 parameters (docs/reference.md#gemma-numerics, tied embedding).
     assert one["base_params"] == 2 * 2_614_341_888
     assert one["activations_remat"] < one["activations_no_remat"] / 3
     tp8 = memory.estimate_bytes(GEMMA2_2B, **kw, remat=True, mesh_shape={"tp": 8})

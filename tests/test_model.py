@@ -37,9 +37,9 @@ def test_logits_match_tunix(cfg):
 
 
 def test_tunix_left_padding_window_differs_and_we_follow_positions():
-    """Tunix's sliding mask compares the query *position* with the key's *slot index* (REFERENCE §1). For a
-    left-padded row longer than the window that drops in-window keys, so Tunix's logits move; ours depend only on
-    positions, so the padded row equals the same tokens unpadded."""
+    """Tunix's sliding mask compares the query *position* with the key's *slot index*
+    (docs/reference.md#window-and-left-padding). For a left-padded row longer than the window that drops in-window
+    keys, so Tunix's logits move; ours depend only on positions, so the padded row equals the same tokens unpadded."""
     cfg = TUNIX_GEMMA2
     params = _params_with_norms(cfg, 2)
     pad = 6
