@@ -39,8 +39,9 @@ def user_input(what: str):
     except UsageError:
         raise
     except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise UsageError(f"{what}: {msg}") from e
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        # readers name their file already ("x.csv: missing column ..."): say it once
+        raise UsageError(msg if msg.startswith(what) else f"{what}: {msg}") from e
 
 
 def run_cli(main, argv, *, prog: str) -> int:
@@ -77,8 +78,8 @@ def parser(prog: str, doc: str, *, train: bool = False, data: bool = True) -> ar
         a("--lora-alpha", type=float, default=64.0, help="alpha of new adapters; scale = alpha / rank (default: 64)")
         a("--eval-every", type=int, help="evaluate on --eval-data every N steps")
         a("--save-every", type=int, help="checkpoint every N steps")
-        a("--tensorboard", action="store_true", help="also write TensorBoard events to OUT/tensorboard (optional "
-          "extra: pip install tensorboard)")
+        a("--tensorboard", action="store_true", help="also write TensorBoard events to OUT/tensorboard (written "
+          "without the tensorboard package; view them with `tensorboard --logdir OUT/tensorboard`)")
     else:
         a("--adapters", help="LoRA adapters folder (saved by the sft/grpo stages) to apply")
     return p
@@ -143,11 +144,13 @@ def hparams_from_args(cls, args, overrides=None):
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_model(base: str | None, tokenizer_path: str | None = None, adapters: str | None = None, *,
-               dtype: str | None = None, remat: bool = False):
+               dtype: str | None = None, remat: bool = False, adapters_flag: str = "--adapters"):
     """(cfg, params, lora or None, tokenizer) with every check a user's input needs: the folders exist, the
-    tokenizer fits the model's vocabulary, the adapters fit the model."""
+    tokenizer fits the model's vocabulary, the adapters fit the model. adapters_flag: how errors name `adapters`."""
     if not base:
         raise UsageError("--base: give the base checkpoint folder")
+    if not os.path.exists(base):  # before the tokenizer, whose default path lies inside it
+        raise UsageError(f"--base: {base} does not exist")
     tok_path = tokenizer_path or os.path.join(base, "tokenizer.model")
     if not os.path.isfile(tok_path):
         raise UsageError(f"--tokenizer: {tok_path} does not exist (pass --tokenizer PATH/tokenizer.model)")
@@ -162,7 +165,7 @@ def load_model(base: str | None, tokenizer_path: str | None = None, adapters: st
                          f"vocabulary of {cfg.vocab_size}")
     lora = None
     if adapters:
-        with user_input(f"adapters {adapters}"):
+        with user_input(f"{adapters_flag} {adapters}"):
             lora = load_adapters(adapters, cfg)
     return cfg, params, lora, tokenizer
 
@@ -173,6 +176,14 @@ def mesh_from_args(spec: str | None):
         return None
     with user_input("--mesh"):
         return make_mesh(spec)
+
+
+def check_files(flag: str, paths) -> None:
+    """UsageError naming the first of `paths` that is not a file, before any is read: a typo in the last data
+    file should not cost a pass over the first ones."""
+    for path in paths or ():
+        if not os.path.isfile(path):
+            raise UsageError(f"{flag}: {path} " + ("is not a file" if os.path.exists(path) else "does not exist"))
 
 
 def need(args, *names):

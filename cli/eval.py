@@ -7,7 +7,7 @@ Prints strict_format_rate, math_accuracy, prob_reward_mean, completion_len_mean 
 
 import sys
 
-from cli.common import load_model, mesh_from_args, need, parser, run_cli
+from cli.common import check_files, load_model, mesh_from_args, need, parser, run_cli
 from cli.grpo import load_rl_records
 from data.rl import CONVERTERS
 from grpo.evaluate import evaluate
@@ -33,6 +33,7 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     need(args, "--base", "--data")
+    check_files("--data", args.data)
     cfg, params, lora, tokenizer = load_model(args.base, args.tokenizer, args.adapters, dtype=args.dtype)
     mesh_from_args(args.mesh)  # validated; evaluation runs on the default device placement
     records = load_rl_records(args.data, tokenizer, kind=args.data_kind, limit=args.limit)

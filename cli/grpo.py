@@ -18,6 +18,7 @@ import sys
 from cli.common import (
     UsageError,
     add_hparam_flags,
+    check_files,
     hparams_from_args,
     load_model,
     mesh_from_args,
@@ -54,7 +55,8 @@ def load_rl_records(paths, tokenizer, *, kind: str, limit: int | None = None) ->
         with user_input(path):
             recs, report = prepare_rl(path, kind=kind, count_tokens=lambda t: len(tokenizer.encode(t)))
         if not recs:
-            raise UsageError(f"{path}: no usable RL records (read {report['read']}, dropped {report['dropped']})")
+            dropped = {r: n for r, n in report["dropped"].items() if n}
+            raise UsageError(f"{path}: no usable RL records (read {report['read']}, dropped {dropped or 0})")
         records += recs
     return records[:limit] if limit else records
 
@@ -83,8 +85,11 @@ def save_result(args, cfg, sft_lora, lora, hp) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     need(args, "--base", "--data")
+    check_files("--data", args.data)
+    check_files("--eval-data", args.eval_data)
     hp = hparams_from_args(GRPOHParams, args)
-    cfg, params, sft_lora, tokenizer = load_model(args.base, args.tokenizer, args.init_adapters, dtype=args.dtype)
+    cfg, params, sft_lora, tokenizer = load_model(args.base, args.tokenizer, args.init_adapters, dtype=args.dtype,
+                                                  adapters_flag="--init-adapters")
     mesh = mesh_from_args(args.mesh)
     records = load_rl_records(args.data, tokenizer, kind=args.data_kind)
     eval_records = None

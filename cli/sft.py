@@ -18,6 +18,7 @@ import sys
 from cli.common import (
     UsageError,
     add_hparam_flags,
+    check_files,
     hparams_from_args,
     load_model,
     mesh_from_args,
@@ -128,12 +129,24 @@ def build_data(records, tokenizer, hp: HParams, args, *, shuffle=True):
                    shuffle=shuffle, pad_id=tokenizer.pad_id)
 
 
+def stage_hparams(args) -> HParams:
+    """The HParams of the parsed flags: a flag given wins over the --sft-stage defaults, which win over HParams'."""
+    return hparams_from_args(HParams, args, STAGE_DEFAULTS[args.sft_stage])
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     need(args, "--base", "--data")
-    hp = hparams_from_args(HParams, args, STAGE_DEFAULTS[args.sft_stage])
+    check_files("--data", args.data)
+    check_files("--eval-data", args.eval_data)
+    hp = stage_hparams(args)
     cfg, params, _, tokenizer = load_model(args.base, args.tokenizer, dtype=args.dtype, remat=args.remat)
     mesh = mesh_from_args(args.mesh)
+    if args.init_adapters:  # checked before the pass over the data
+        with user_input(f"--init-adapters {args.init_adapters}"):
+            lora = load_adapters(args.init_adapters, cfg, dtype="float32")
+    else:
+        lora = init_lora(cfg, args.lora_rank, args.lora_alpha, seed=args.seed)
 
     records = load_records(args.data, args.data_kind, tokenizer)
     if args.eval_data:
@@ -147,11 +160,6 @@ def main(argv=None) -> int:
     steps = hp.steps or max(1, data.batches_per_epoch // hp.grad_accum)
     hp = dataclasses.replace(hp, steps=steps, warmup_steps=min(hp.warmup_steps, steps))
 
-    if args.init_adapters:
-        with user_input(f"--init-adapters {args.init_adapters}"):
-            lora = load_adapters(args.init_adapters, cfg, dtype="float32")
-    else:
-        lora = init_lora(cfg, args.lora_rank, args.lora_alpha, seed=args.seed)
     print(f"sft stage {args.sft_stage}: {len(data.examples)} train / {len(eval_records)} eval records, "
           f"{steps} steps x {hp.grad_accum} x {hp.batch} rows of <= {hp.max_len} tokens, lr {hp.lr}, "
           f"LoRA rank {lora_rank(lora)}, dtype {cfg.param_dtype}, mesh {args.mesh or 'none'}")

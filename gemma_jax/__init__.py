@@ -1,7 +1,21 @@
-"""Gemma 1 / Gemma 2 in plain JAX: config, model, sampler, sharding, checkpoints, tokenizer."""
+"""Gemma 1, 2 and 3 (text) in plain JAX: config, model, scoring, sampler, sharding, checkpoints, tokenizer."""
 
 from gemma_jax.checkpoint import load_checkpoint, save_hf
-from gemma_jax.config import GEMMA2_2B, GEMMA_2B, MID, TINY, TINY_GEMMA1, GemmaConfig, config_from_hf
+from gemma_jax.config import (
+    GEMMA2_2B,
+    GEMMA3_1B,
+    GEMMA3_4B,
+    GEMMA3_12B,
+    GEMMA3_27B,
+    GEMMA3_270M,
+    GEMMA_2B,
+    MID,
+    TINY,
+    TINY_GEMMA1,
+    TINY_GEMMA3,
+    GemmaConfig,
+    config_from_hf,
+)
 from gemma_jax.model import (
     abstract_params,
     count_params,
@@ -14,7 +28,8 @@ from gemma_jax.scoring import token_logprobs
 from gemma_jax.tokenizer import Tokenizer
 
 __all__ = [
-    "GEMMA2_2B", "GEMMA_2B", "MID", "TINY", "TINY_GEMMA1", "GemmaConfig", "Tokenizer", "abstract_params",
+    "GEMMA2_2B", "GEMMA3_1B", "GEMMA3_4B", "GEMMA3_12B", "GEMMA3_27B", "GEMMA3_270M", "GEMMA_2B", "MID", "TINY",
+    "TINY_GEMMA1", "TINY_GEMMA3", "GemmaConfig", "Tokenizer", "abstract_params",
     "config_from_hf", "count_params", "forward", "forward_hidden", "init_cache", "init_params", "load_checkpoint",
     "save_hf", "token_logprobs",
 ]

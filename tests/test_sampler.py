@@ -329,13 +329,13 @@ def test_argmax_first_equals_argmax_with_ties():
     assert np.asarray(argmax_first(jnp.asarray(x))).tolist() == np.argmax(x, -1).tolist()
 
 
-def test_generate_cli_prints_the_greedy_completion(params, tokenizer, tokenizer_path, monkeypatch, capsys):
+def test_generate_cli_prints_the_greedy_completion(params, tokenizer, tokenizer_path, monkeypatch, capsys, tmp_path):
     """run.py --stage generate: chat template applied, greedy completion printed, stop ids from the tokenizer.
     The checkpoint loader (gemma_jax/checkpoint.py, tested on its own) is replaced by one returning our params."""
     import run
 
     monkeypatch.setattr(g, "load_checkpoint", lambda path, dtype=None: (g.TINY, params))
-    rc = run.main(["--stage", "generate", "--base", "unused", "--tokenizer", tokenizer_path, "--prompt",
+    rc = run.main(["--stage", "generate", "--base", str(tmp_path), "--tokenizer", tokenizer_path, "--prompt",
                    "what is 3 plus 9?", "--system", "Be brief.", "--max-new-tokens", "10"])
     assert rc == 0
     printed = capsys.readouterr().out
