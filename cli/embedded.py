@@ -48,7 +48,7 @@ GRPO_ARGS = ["--steps", "60", "--prompts-per-step", "16", "--group-size", "8", "
              "--lr", "1e-3", "--beta", "0.04", "--clip", "1.0", "--weight-decay", "0", "--eval-every", "20",
              "--eval-limit", "300", "--save-every", "20", "--sample-every", "20", "--lora-rank", "8",
              "--lora-alpha", "16"]
-EVAL_KEYS = ("strict_format_rate", "math_accuracy", "prob_reward_mean", "completion_len_mean",
+EVAL_KEYS = ("strict_format_rate", "math_accuracy", "general_exact_match", "prob_reward_mean", "completion_len_mean",
              "math_step_by_step_share", "math_accuracy_step_by_step", "math_accuracy_one_line")
 
 

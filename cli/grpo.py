@@ -31,7 +31,8 @@ from data.rl import CONVERTERS, prepare_rl
 from grpo.learner import GRPOHParams, train
 from lora.adapters import DEFAULT_TARGETS, concat_lora, init_lora, merge
 from lora.io import save_adapters
-from rewards.router import RewardConfig
+from rewards.prob import ProbRewardConfig
+from rewards.router import GENERAL_REWARDS, RewardConfig
 
 
 def build_parser():
@@ -43,6 +44,13 @@ def build_parser():
     a("--sample-every", type=int, default=10, help="print sample completions every N steps (default: 10)")
     a("--prob-weight", type=float, default=2.0, help="weight of the probability reward; the rule rewards weigh 1 "
       "(default: 2.0)")
+    a("--no-prob-debias", dest="prob_debias", action="store_false", help="ablation: probability reward p instead "
+      "of clip(p - p_base, 0, 1) (rewards/prob.py)")
+    a("--no-prob-std-filter", dest="prob_std_filter", action="store_false", help="ablation: no RLPR std filter")
+    a("--prob-notebook-defects", action="store_true", help="ablation: the seed notebook's probability reward "
+      "(mean over the answer tags and end-of-turn too, last 256 tokens only; rewards/prob.py)")
+    a("--general-reward", choices=GENERAL_REWARDS, default="prob", help="non-math prompts: format + probability "
+      "reward, or the format reward only (ablation; default: prob)")
     add_hparam_flags(p, GRPOHParams, aliases={"group_size": ("-G",)})
     p.set_defaults(out="runs/grpo", eval_every=20, save_every=10)
     return p
@@ -96,11 +104,14 @@ def main(argv=None) -> int:
     if args.eval_data:
         eval_records = load_rl_records(args.eval_data, tokenizer, kind=args.data_kind, limit=args.eval_limit)
     params, lora = start_policy(params, cfg, sft_lora, args)
+    prob_cfg = ProbRewardConfig(debias=args.prob_debias, std_filter=args.prob_std_filter,
+                                notebook_defects=args.prob_notebook_defects)
+    reward_cfg = RewardConfig(prob_weight=args.prob_weight, general_reward=args.general_reward, prob=prob_cfg)
     print(f"GRPO: {len(records)} prompts, {hp.steps} steps x {hp.prompts_per_step} prompts x G={hp.group_size}, "
           f"out {args.out}")
     with user_input(f"--out {args.out}"):  # a checkpoint there of another model or LoRA shape
         lora, _, _ = train(cfg, params, lora, records, tokenizer, hp, args.out,
-                           reward_cfg=RewardConfig(prob_weight=args.prob_weight), eval_records=eval_records,
+                           reward_cfg=reward_cfg, eval_records=eval_records,
                            eval_every=args.eval_every, save_every=args.save_every, sample_every=args.sample_every,
                            seed=args.seed, mesh=mesh, tensorboard=args.tensorboard)
     print(f"saved adapters to {save_result(args, cfg, sft_lora, lora, hp)}")

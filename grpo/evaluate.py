@@ -3,6 +3,8 @@
 Metrics (greedy decoding, as the recipe evaluates):
     strict_format_rate  fraction of completions that follow the strict <reasoning>/<answer> contract
     math_accuracy       fraction of math records whose extracted answer is equivalent to the reference
+    general_exact_match fraction of non-math records whose extracted answer (rewards.math.extract_answer) equals the
+                        reference after strip + casefold (grpo/rollout.py text_metrics); NaN when there are none
     prob_reward_mean    mean RLPR probability reward on the non-math records (no std filter; baseline per record)
     completion_len_mean mean completion length in tokens (stop token included)
 """

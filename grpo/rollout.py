@@ -23,7 +23,7 @@ from gemma_jax.sampler import bucket_length, generate
 from gemma_jax.scoring import completion_logprobs, token_logprobs
 from grpo.advantages import compute_advantages, zero_std_fraction
 from rewards.format import is_strict
-from rewards.math import math_correct
+from rewards.math import extract_answer, math_correct
 from rewards.router import compute_rewards, reward_type
 
 
@@ -103,13 +103,23 @@ def make_score_fn(params, cfg, lora, *, pad_id: int = 0, max_rows: int = 16):
     return score_fn
 
 
+def _exact(text: str, reference) -> bool:
+    """The extracted answer equals the reference after strip + casefold. Not normalize_answer: its math rules make
+    different text answers equal ("5 days" and "5 weeks" both become "5": unit words after a number are dropped)."""
+    ans = extract_answer(text)
+    return ans is not None and ans.strip().casefold() == str(reference).strip().casefold()
+
+
 def text_metrics(texts, records) -> dict:
-    """Strict-format rate over all samples and math accuracy (extracted answer equivalent to the reference) over
-    the math-domain samples (NaN when there are none)."""
+    """Strict-format rate over all samples; math accuracy (extracted answer equivalent to the reference) over the
+    math records and general exact match (extracted answer == reference, `_exact`) over the others, each NaN when
+    there are none. Records are split as the reward routes them (rewards.router.reward_type)."""
     is_math = [reward_type(r, i) == "math" for i, r in enumerate(records)]
     correct = [math_correct(t, r.get("answer", "")) for t, r, m in zip(texts, records, is_math) if m]
+    exact = [_exact(t, r.get("answer", "")) for t, r, m in zip(texts, records, is_math) if not m]
     return {"strict_format_rate": float(np.mean([is_strict(t) for t in texts])) if texts else float("nan"),
-            "math_accuracy": float(np.mean(correct)) if correct else float("nan")}
+            "math_accuracy": float(np.mean(correct)) if correct else float("nan"),
+            "general_exact_match": float(np.mean(exact)) if exact else float("nan")}
 
 
 def _reward_metrics(rewards, components, records_rep, group_size) -> dict:

@@ -25,6 +25,22 @@ Std filter (RLPR): per prompt (samples sharing prompt ids and y*), the std (ddof
 rollouts; EMA of the batch-mean std: ema <- decay * ema + (1 - decay) * batch_mean (initialised to the first
 batch's mean); prompts whose std < beta * ema (the EMA after this batch's update) get reward 0. The state is a
 frozen dataclass, returned updated, never mutated.
+
+Ablation switches (`ProbRewardConfig`; the defaults are the reward above, unchanged):
+    debias=False          reward = p (clipped to [0, 1], a no-op for a mean probability) instead of
+                          clip(p - p_base, 0, 1). p_base is still computed, cached and reported in the metrics.
+    std_filter=False      no std filter: the rewards are returned as computed, the EMA is not updated.
+    notebook_defects=True the seed notebook's two scoring defects (docs/recipe.md#rewards), and only those:
+        1. the mean is over the tokens of "<answer>\n" + y* + "\n</answer>" + <end_of_turn> (the tokenizer's
+           `end_of_turn_id`), not over y* alone: the prefix ends at "\n</reasoning>\n", the target is
+           encode("<answer>\n") + encode(y*) + encode("\n</answer>") + [end_of_turn_id];
+        2. only the LAST `NOTEBOOK_WINDOW` (256) tokens of the scored sequence prefix + target are kept: the
+           sequence is cut from the left, through the reasoning and into the prompt (bos included) if need be;
+           `max_len` is not used. A cut sample is counted in `num_truncated`; a target of 256 tokens or more
+           (no context token left) is skipped and counted in `num_skipped`.
+        The baseline gets the same treatment (empty reasoning). Not reproduced: the notebook recomputed p_base at
+        every step; it is still computed once per pair here.
+Format-reward-only training for the non-math prompts is a router option (rewards/router.py `general_reward`).
 """
 
 import dataclasses
@@ -34,20 +50,26 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from rewards.format import is_strict
-from rewards.tags import ANSWER_START, REASONING_END, REASONING_START
+from rewards.tags import ANSWER_END, ANSWER_START, REASONING_END, REASONING_START
 
 ScoreFn = Callable[[list[list[int]], list[list[int]]], list[np.ndarray]]
 OPEN = f"{REASONING_START}\n"
 CLOSE = f"\n{REASONING_END}\n{ANSWER_START}\n"
+# notebook_defects: the prefix ends after the reasoning's closing tag; the answer tags are part of the target.
+NOTEBOOK_CLOSE = f"\n{REASONING_END}\n"
+NOTEBOOK_ANSWER_OPEN, NOTEBOOK_ANSWER_CLOSE = f"{ANSWER_START}\n", f"\n{ANSWER_END}"
+NOTEBOOK_WINDOW = 256  # tokens of prefix + target the notebook kept
 
 
 @dataclasses.dataclass(frozen=True)
 class ProbRewardConfig:
     max_len: int = 1024  # token budget for prompt + tags + reasoning + y*
-    gate_on_format: bool = True
-    std_filter: bool = True
+    gate_on_format: bool = True  # a non-strict completion scores 0
+    debias: bool = True  # reward clip(p - p_base, 0, 1); False: reward p (ablation)
+    std_filter: bool = True  # RLPR's EMA std filter; False: off (ablation)
     std_beta: float = 1.0
     ema_decay: float = 0.99
+    notebook_defects: bool = False  # True: the seed notebook's target and 256-token window (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +110,32 @@ def _mean_prob(logp, n: int) -> float:
     return float(np.mean(np.exp(logp)))
 
 
-def _build(prompt, z_ids, open_ids, close_ids, target, max_len):
-    """(prefix ids, number of reasoning tokens cut) within max_len, or None if even no reasoning fits."""
-    room = max_len - len(prompt) - len(open_ids) - len(close_ids) - len(target)
-    if room < 0 or not target:
+def _targets(answers, tokenizer, cfg: ProbRewardConfig) -> list[list[int]]:
+    """The scored token ids of each reference: y*'s, or with notebook_defects its answer tags and end-of-turn too
+    ([] for an empty y*: skipped either way)."""
+    ys = [tokenizer.encode(str(a).strip()) for a in answers]
+    if not cfg.notebook_defects:
+        return ys
+    eot = getattr(tokenizer, "end_of_turn_id", None)
+    if eot is None or eot < 0:
+        raise ValueError("notebook_defects needs a tokenizer with an <end_of_turn> piece (end_of_turn_id)")
+    head, tail = tokenizer.encode(NOTEBOOK_ANSWER_OPEN), tokenizer.encode(NOTEBOOK_ANSWER_CLOSE)
+    return [head + y + tail + [eot] if y else [] for y in ys]
+
+
+def _build(prompt, z_ids, open_ids, close_ids, target, cfg: ProbRewardConfig):
+    """(prefix ids, number of tokens cut) within the budget, or None if even no reasoning fits.
+
+    Default: the reasoning is cut from the left to fit max_len. notebook_defects: the last NOTEBOOK_WINDOW tokens of
+    prefix + target, whatever they are (the count is of tokens cut, prompt included)."""
+    if not target:
+        return None
+    if cfg.notebook_defects:
+        seq = list(prompt) + open_ids + z_ids + close_ids
+        cut = max(0, len(seq) + len(target) - NOTEBOOK_WINDOW)
+        return (seq[cut:], cut) if cut < len(seq) else None
+    room = cfg.max_len - len(prompt) - len(open_ids) - len(close_ids) - len(target)
+    if room < 0:
         return None
     cut = max(0, len(z_ids) - room)
     return list(prompt) + open_ids + z_ids[cut:] + close_ids, cut
@@ -119,7 +163,7 @@ def _plan(completions, prompt_ids, targets, keys, gated, state, tokenizer, cfg):
     """The sequences to score: one per scored sample, plus one per new (prompt, y*) pair for its baseline.
 
     Returns (prefixes, targets, owners, counts): owners[j] is ("sample", i) or ("base", key)."""
-    open_ids, close_ids = tokenizer.encode(OPEN), tokenizer.encode(CLOSE)
+    open_ids, close_ids = tokenizer.encode(OPEN), tokenizer.encode(NOTEBOOK_CLOSE if cfg.notebook_defects else CLOSE)
     prefixes, tgts, owners = [], [], []
     counts = {"num_truncated": 0, "num_skipped": 0}
     need_base = {}
@@ -127,7 +171,7 @@ def _plan(completions, prompt_ids, targets, keys, gated, state, tokenizer, cfg):
         if gated[i]:
             continue
         z_ids = tokenizer.encode(extract_reasoning(str(text)))
-        built = _build(prompt_ids[i], z_ids, open_ids, close_ids, targets[i], cfg.max_len)
+        built = _build(prompt_ids[i], z_ids, open_ids, close_ids, targets[i], cfg)
         if built is None:
             counts["num_skipped"] += 1
             continue
@@ -136,7 +180,7 @@ def _plan(completions, prompt_ids, targets, keys, gated, state, tokenizer, cfg):
         if keys[i] not in state.baselines:
             need_base.setdefault(keys[i], i)  # each new pair once, even when repeated G times in the batch
     for key, i in need_base.items():
-        prefix, _ = _build(prompt_ids[i], [], open_ids, close_ids, targets[i], cfg.max_len)  # fits: z did
+        prefix, _ = _build(prompt_ids[i], [], open_ids, close_ids, targets[i], cfg)  # fits: z did
         prefixes.append(prefix), tgts.append(targets[i]), owners.append(("base", key))
     return prefixes, tgts, owners, counts
 
@@ -154,7 +198,7 @@ def prob_rewards(completions: Sequence[str], answers: Sequence[str], prompt_ids:
     if len(answers) != n or len(prompt_ids) != n:
         raise ValueError(f"prob_rewards: {n} completions but {len(answers)} answers and {len(prompt_ids)} prompts")
     state = state or ProbState()
-    targets = [tokenizer.encode(str(a).strip()) for a in answers]
+    targets = _targets(answers, tokenizer, cfg)
     keys = [pair_key(p, t) for p, t in zip(prompt_ids, targets)]
     gated = [cfg.gate_on_format and not is_strict(str(c)) for c in completions]
     prefixes, tgts, owners, counts = _plan(completions, prompt_ids, targets, keys, gated, state, tokenizer, cfg)
@@ -171,7 +215,7 @@ def prob_rewards(completions: Sequence[str], answers: Sequence[str], prompt_ids:
     # A non-finite baseline is used for this batch (reward 0, counted) but not cached: it is recomputed later.
     baselines = {**state.baselines, **{k: v for k, v in new_base.items() if np.isfinite(v)}}
     p_base = np.array([new_base.get(k, baselines.get(k, np.nan)) for k in keys], dtype=np.float64)
-    diff = p - p_base
+    diff = p - p_base if cfg.debias else p
     finite = np.isfinite(diff)  # NaN-safe: a non-finite score gives reward 0 and is counted
     rewards = np.clip(np.where(finite, diff, 0.0), 0.0, 1.0)
 

@@ -7,6 +7,10 @@ Each record picks its reward: `reward_model_type` ("math" | "prob") when present
 With the defaults (weights 1, 1, 1, 2: the recipe's "probability weight 2 vs rule weight 1") a math total is in
 [-3.5, 6.0] and another total in [-2.5, 5.0]. Components are returned unweighted, 0 where a component does not
 apply, with `is_math` telling which rows are math. Totals are NaN-safe: a non-finite total becomes 0 and is counted.
+
+Ablation: `general_reward="format_only"` drops the probability reward from the non-math samples (their total is
+other_format_weight * format; the prob component is 0, nothing is scored, the prob state is returned unchanged);
+"prob" (the default) is the routing above.
 """
 
 import dataclasses
@@ -19,6 +23,7 @@ from rewards.math import MathRewardConfig, math_reward
 from rewards.prob import ProbRewardConfig, ProbState, ScoreFn, prob_rewards
 
 REWARD_TYPES = ("math", "prob")
+GENERAL_REWARDS = ("prob", "format_only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +32,7 @@ class RewardConfig:
     math_correctness_weight: float = 1.0
     other_format_weight: float = 1.0
     prob_weight: float = 2.0
+    general_reward: str = "prob"  # non-math samples: "prob" (format + probability) or "format_only" (ablation)
     format: FormatConfig = FormatConfig()
     math: MathRewardConfig = MathRewardConfig()
     prob: ProbRewardConfig = ProbRewardConfig()
@@ -56,6 +62,8 @@ def compute_rewards(completions: Sequence[str], records: Sequence[dict], *, toke
     n = len(completions)
     if len(records) != n:
         raise ValueError(f"compute_rewards: {n} completions but {len(records)} records")
+    if cfg.general_reward not in GENERAL_REWARDS:
+        raise ValueError(f"RewardConfig.general_reward {cfg.general_reward!r} is not one of {GENERAL_REWARDS}")
     kinds = [reward_type(r, i) for i, r in enumerate(records)]
     for i, r in enumerate(records):
         if "answer" not in r:
@@ -66,7 +74,7 @@ def compute_rewards(completions: Sequence[str], records: Sequence[dict], *, toke
     mth = np.array([math_reward(t, str(r["answer"]), cfg.math) if m else 0.0
                     for t, r, m in zip(texts, records, is_math)], dtype=np.float64)
     prob, prob_metrics, new_state = np.zeros(n), {}, prob_state
-    idx = np.flatnonzero(~is_math)
+    idx = np.flatnonzero(~is_math) if cfg.general_reward == "prob" else np.zeros(0, int)
     if idx.size:
         if tokenizer is None or score_fn is None or prompt_ids is None:
             raise ValueError(f"compute_rewards: {idx.size} non-math samples need tokenizer, score_fn and prompt_ids")

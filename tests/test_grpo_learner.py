@@ -18,8 +18,9 @@ from gemma_jax.config import TINY
 from gemma_jax.model import forward, init_params
 from gemma_jax.tokenizer import Tokenizer
 from grpo.learner import GRPOHParams, to_micro_batches, train, train_step
-from grpo.rollout import prompt_ids, rollout
+from grpo.rollout import prompt_ids, rollout, text_metrics
 from lora.adapters import init_lora
+from rewards.tags import render_completion
 from train.optim import adamw_init
 
 RECORDS = [{"question": f"what is {i} plus {i * 3}?", "answer": str(4 * i), "domain": "math", "system": "Be brief."}
@@ -159,3 +160,20 @@ def test_trim_padding_is_exact(setup, tokenizer):
         a = rollout_logprobs(params, TINY, lo, ro, temperature=1.0, micro_batch=16)
         b = rollout_logprobs(params, TINY, lo, full, temperature=1.0, micro_batch=16)[:, :C]
         np.testing.assert_allclose(a * m, b * m, atol=2e-6)
+
+
+def test_text_metrics_general_exact_match():
+    """Exact match over the non-math records only: the extracted answer vs the reference after strip + casefold."""
+    records = [{"answer": "Tuesday", "domain": "calendar"}, {"answer": "5 days"},
+               {"answer": "a cat", "domain": "story"}, {"answer": "x", "domain": "story"},
+               {"answer": "7", "domain": "math"},
+               {"answer": "blue", "domain": "math", "reward_model_type": "prob"}]
+    texts = [render_completion("r", "TuesDay"),  # case ignored: match
+             render_completion("r", "5 weeks"),  # normalize_answer would call these equal ("5"); strip does not
+             render_completion("r", "a cat."),  # punctuation counts: no match
+             "no answer block",  # nothing extracted: no match
+             render_completion("r", "7"),  # math: counted in math_accuracy only
+             "<reasoning>r</reasoning> \\boxed{BLUE}"]  # routed to prob; boxed fallback of extract_answer: match
+    m = text_metrics(texts, records)
+    assert m["general_exact_match"] == 2 / 5 and m["math_accuracy"] == 1.0 and m["strict_format_rate"] == 4 / 6
+    assert np.isnan(text_metrics(texts[4:5], records[4:5])["general_exact_match"])

@@ -217,3 +217,114 @@ def test_gating_nan_safety_and_errors(tokenizer):
     with pytest.raises(ValueError, match="log-probs for a target of"):
         prob_rewards(comps, ["y", "y"], [prompt] * 2, tokenizer=tokenizer,
                      score_fn=lambda p, t: [np.zeros(len(x) + 1) for x in t])
+
+
+# Ablation switches, on a fixed copy model: a target token gets probability HIT if it already occurs in its context
+# (prefix + earlier target tokens), else MISS. A reasoning that spells out the reference makes it likely.
+HIT, MISS = 0.8, 0.05
+STORY_Q, STORY_A = "Write a short story about a cat named Tom.", "the quick brown fox jumps over the lazy dog"
+LEADS, MISSES = "the quick brown fox jumps over the lazy dog", "numbers 1 2 3"
+
+
+def _copy_score(prefixes, targets):
+    out = []
+    for pre, tgt in zip(prefixes, targets):
+        ctx = list(pre) + list(tgt)
+        out.append(np.log([HIT if ctx[len(pre) + t] in ctx[:len(pre) + t] else MISS for t in range(len(tgt))]))
+    return out
+
+
+def _copy_mean(head, target):
+    """The copy model's mean probability of `target` after `head`, computed directly in float64."""
+    seq = list(head) + list(target)
+    return float(np.mean([HIT if seq[t] in seq[:t] else MISS for t in range(len(head), len(seq))], dtype=np.float64))
+
+
+def _heads(tokenizer, z, notebook=False):
+    close = "\n</reasoning>\n" if notebook else CLOSE
+    return tokenizer.encode_chat(STORY_Q) + tokenizer.encode(OPEN) + tokenizer.encode(z) + tokenizer.encode(close)
+
+
+def _switch_run(tokenizer, reasonings, **cfg):
+    comps = [render_completion(z, "x") for z in reasonings]
+    prompts = [tokenizer.encode_chat(STORY_Q)] * len(comps)
+    return prob_rewards(comps, [STORY_A] * len(comps), prompts, tokenizer=tokenizer, score_fn=_copy_score,
+                        cfg=ProbRewardConfig(**cfg))
+
+
+def test_switches_rank_the_leading_reasoning_first_with_exact_values(tokenizer):
+    y = tokenizer.encode(STORY_A)
+    p_lead, p_miss, p_base = (_copy_mean(_heads(tokenizer, z), y) for z in (LEADS, MISSES, ""))
+    assert p_lead > p_base == p_miss == MISS  # none of y*'s tokens is in the prompt or in the other reasoning
+    # default (debias, std filter on: one prompt, so its std equals the first EMA and is kept)
+    r, m, s = _switch_run(tokenizer, [LEADS, MISSES])
+    np.testing.assert_allclose(r, [p_lead - p_base, 0.0], rtol=1e-12, atol=0)
+    assert m["num_filtered_prompts"] == 0 and s.ema_std == pytest.approx((p_lead - p_base) / 2, rel=1e-12)
+    # debias=False: the reward is p itself, so the miss scores p_miss = MISS instead of 0
+    r, m, _ = _switch_run(tokenizer, [LEADS, MISSES], debias=False, std_filter=False)
+    np.testing.assert_allclose(r, [p_lead, p_miss], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(m["p_base"], [p_base] * 2, rtol=1e-12)  # still computed and reported
+    # std_filter=False: the same rewards as the default here, and the EMA is left alone
+    r, m, s = _switch_run(tokenizer, [LEADS, MISSES], std_filter=False)
+    np.testing.assert_allclose(r, [p_lead - p_base, 0.0], rtol=1e-12, atol=0)
+    assert s.ema_std is None and m["num_filtered_prompts"] == 0
+
+
+def test_std_filter_switch_keeps_a_constant_group(tokenizer):
+    """A second prompt whose rollouts all score the same (std 0 < EMA) is zeroed by the filter, kept without it."""
+    y, other_q = tokenizer.encode(STORY_A), "Question 7"
+    head = tokenizer.encode_chat(other_q) + tokenizer.encode(OPEN) + tokenizer.encode(LEADS) + tokenizer.encode(CLOSE)
+    base = tokenizer.encode_chat(other_q) + tokenizer.encode(OPEN) + tokenizer.encode(CLOSE)
+    const = _copy_mean(head, y) - _copy_mean(base, y)
+    p_lead, p_base = (_copy_mean(_heads(tokenizer, z), y) for z in (LEADS, ""))
+    comps = [render_completion(z, "x") for z in (LEADS, MISSES, LEADS, LEADS)]
+    prompts = [tokenizer.encode_chat(STORY_Q)] * 2 + [tokenizer.encode_chat(other_q)] * 2
+    kw = dict(tokenizer=tokenizer, score_fn=_copy_score)
+    on, m_on, _ = prob_rewards(comps, [STORY_A] * 4, prompts, **kw)
+    off, m_off, _ = prob_rewards(comps, [STORY_A] * 4, prompts, **kw, cfg=ProbRewardConfig(std_filter=False))
+    assert const > 0
+    np.testing.assert_allclose(off, [p_lead - p_base, 0.0, const, const], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(on, [p_lead - p_base, 0.0, 0.0, 0.0], rtol=1e-12, atol=0)
+    assert m_on["num_filtered_prompts"] == 1 and m_off["num_filtered_prompts"] == 0
+
+
+def test_notebook_defects_target_and_window(tokenizer):
+    eot = tokenizer.end_of_turn_id
+    wide = tokenizer.encode("<answer>\n") + tokenizer.encode(STORY_A) + tokenizer.encode("\n</answer>") + [eot]
+    assert tokenizer.sp.DecodeIds(wide[:-1]) == "<answer>\n" + STORY_A + "\n</answer>"
+    p_lead, p_miss, p_base = (_copy_mean(_heads(tokenizer, z, notebook=True), wide) for z in (LEADS, MISSES, ""))
+    r, m, _ = _switch_run(tokenizer, [LEADS, MISSES], notebook_defects=True, std_filter=False)
+    np.testing.assert_allclose(m["p"], [p_lead, p_miss], rtol=1e-12, atol=0)  # the tags and <end_of_turn> count
+    np.testing.assert_allclose(r, [p_lead - p_base, 0.0], rtol=1e-12, atol=0)
+    assert p_lead > p_base and m["num_truncated"] == 0
+    y_only = _copy_mean(_heads(tokenizer, LEADS), tokenizer.encode(STORY_A))
+    assert abs(p_lead - y_only) > 1e-3  # the wider mean is a different number
+    # window: the answer-bearing words start a long reasoning; only the last 256 tokens of prefix + target are kept,
+    # so the prompt and those words are cut away (the default keeps them: its budget is 1024 tokens)
+    long_z = LEADS + " " + "numbers 1 2 3 " * 90
+    head = _heads(tokenizer, long_z, notebook=True)
+    assert len(head) + len(wide) - 256 > len(_heads(tokenizer, LEADS, notebook=True))  # the cut passes LEADS
+    kept = (head + wide)[-256:]
+    p_cut = _copy_mean(kept[:-len(wide)], wide)
+    r, m, _ = _switch_run(tokenizer, [long_z, LEADS], notebook_defects=True, std_filter=False)
+    np.testing.assert_allclose(m["p"], [p_cut, p_lead], rtol=1e-12, atol=0)
+    assert m["num_truncated"] == 1 and p_cut < p_lead
+    r_default, m_default, _ = _switch_run(tokenizer, [long_z], std_filter=False)
+    y = tokenizer.encode(STORY_A)
+    assert m_default["p"][0] == pytest.approx(_copy_mean(_heads(tokenizer, long_z), y), rel=1e-12)
+    assert m_default["num_truncated"] == 0 and m_default["p"][0] > m["p"][0]
+
+
+def test_notebook_defects_match_a_direct_forward_pass(tokenizer, params, score_fn):
+    """The wider target goes through score_fn intact: equal to TINY's float64 probabilities of the same tokens."""
+    eot = tokenizer.end_of_turn_id
+    q, a, z = QUESTIONS[1], ANSWERS[1], REASONINGS[1][0]
+    wide = tokenizer.encode("<answer>\n") + tokenizer.encode(a) + tokenizer.encode("\n</answer>") + [eot]
+    heads = [tokenizer.encode_chat(q) + tokenizer.encode(OPEN) + tokenizer.encode(x) + tokenizer.encode(
+        "\n</reasoning>\n") for x in ("", z)]
+    base, p = _direct_mean_probs(params, [h + wide for h in heads], [len(h) for h in heads])
+    cfg = ProbRewardConfig(notebook_defects=True, std_filter=False)
+    r, m, _ = prob_rewards([render_completion(z, "x")], [a], [tokenizer.encode_chat(q)], tokenizer=tokenizer,
+                           score_fn=score_fn, cfg=cfg)
+    np.testing.assert_allclose([m["p"][0], m["p_base"][0]], [p, base], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(r, [np.clip(p - base, 0, 1)], rtol=1e-4, atol=1e-9)

@@ -75,6 +75,34 @@ def test_mixed_batch_exact_totals_and_components(tokenizer):
     np.testing.assert_allclose(totals, [7.5, 1.75, -1.0, 6.0, 0.0, 0.0], atol=1e-12)
 
 
+def test_general_reward_format_only(tokenizer):
+    """Ablation: the non-math totals are the format reward alone; nothing is scored, the prob state passes through,
+    and the math rows are unchanged. The two general samples differ only in reasoning, so they now tie."""
+    comps = [render_completion("work", "42"), render_completion("p=0.7", "w"), render_completion("p=0.2", "w"),
+             "p=0.9 no tags"]
+    records = [{"question": "q", "answer": "42", "domain": "math"}] + [{"question": "q", "answer": "a story"}] * 3
+    prompt_ids = [tokenizer.encode_chat("q")] * 4
+
+    def never(prefixes, targets):
+        raise AssertionError("format_only must not score")
+
+    cfg = RewardConfig(general_reward="format_only")
+    totals, comp, metrics, state = compute_rewards(comps, records, tokenizer=tokenizer, score_fn=never,
+                                                   prompt_ids=prompt_ids, cfg=cfg, prob_state="untouched")
+    np.testing.assert_array_equal(totals, [6.0, 3.0, 3.0, -2.0])
+    np.testing.assert_array_equal(comp["prob"], np.zeros(4))
+    assert state == "untouched" and not any(k.startswith("prob/") for k in metrics)
+    totals, *_ = compute_rewards(comps, records, cfg=RewardConfig(general_reward="format_only",
+                                                                  other_format_weight=0.5))
+    np.testing.assert_array_equal(totals, [6.0, 1.5, 1.5, -1.0])  # no tokenizer or score_fn needed
+    prob_cfg = RewardConfig(prob=ProbRewardConfig(std_filter=False))
+    totals, *_ = compute_rewards(comps, records, tokenizer=tokenizer, score_fn=_fake_score(tokenizer),
+                                 prompt_ids=prompt_ids, cfg=prob_cfg)
+    np.testing.assert_allclose(totals, [6.0, 3.0 + 2 * 0.6, 3.0 + 2 * 0.1, -2.0], atol=1e-12)  # the default ranks
+    with pytest.raises(ValueError, match="general_reward 'none' is not one of"):
+        compute_rewards(comps, records, cfg=RewardConfig(general_reward="none"))
+
+
 def test_math_only_batch_needs_no_model():
     totals, comp, metrics, state = compute_rewards(
         [render_completion("r", "1/2"), "junk"], [{"answer": "0.5", "domain": "math"}] * 2)
