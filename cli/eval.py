@@ -2,7 +2,8 @@
 
     python run.py --stage eval --base BASE [--adapters DIR] --data FILE [--tokenizer PATH] [--limit N]
 
-Prints strict_format_rate, math_accuracy, prob_reward_mean, completion_len_mean (grpo/evaluate.py).
+Prints strict_format_rate, math_accuracy, general_exact_match, prob_reward_mean, completion_len_mean
+(grpo/evaluate.py).
 """
 
 import sys
@@ -13,7 +14,8 @@ from data.rl import CONVERTERS
 from grpo.evaluate import evaluate
 from grpo.learner import GRPOHParams
 
-KEYS = ("strict_format_rate", "math_accuracy", "prob_reward_mean", "completion_len_mean", "num_records")
+KEYS = ("strict_format_rate", "math_accuracy", "general_exact_match", "prob_reward_mean", "completion_len_mean",
+        "num_records")
 
 
 def build_parser():
