@@ -1,8 +1,10 @@
 """Training-state checkpoints (train/state.py): exact round trip, keep-last-N, stale folders,
-mismatch errors, restoring onto a mesh, and a real crash test: a training subprocess (tests/crash_worker.py)
-is SIGKILLed at several points, including inside a save, and resumed; its final adapters must equal an
-uninterrupted run's, and every checkpoint left behind must be readable."""
+mismatch errors, restoring onto a mesh, resuming past damaged checkpoints (each one set aside, renamed), and a real
+crash test: a training subprocess (tests/crash_worker.py) is SIGKILLed at several points, including inside a save,
+and resumed; its final adapters must equal an uninterrupted run's, and every checkpoint left behind must be
+readable."""
 
+import glob
 import os
 import random
 import subprocess
@@ -17,7 +19,7 @@ import pytest
 from gemma_jax.config import TINY, TINY_GEMMA1
 from lora import init_lora
 from train import state as ts
-from train.optim import adamw_init
+from train.optim import adamw_init, adamw_update
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_worker.py")
 
@@ -87,9 +89,9 @@ def test_keep_last_n_and_stale_folders(tmp_path):
     os.makedirs(tmp_path / "step_00000003.deleting-1-2")
     os.makedirs(tmp_path / "step_00000008")
     assert mgr.steps() == [4, 5]
-    assert mgr.restore_latest(state, meta)[0] == 5
+    assert mgr.restore_latest(state, meta)[0] == 5  # the folder without COMMIT is set aside as damaged
     mgr2 = ts.CheckpointManager(tmp_path, keep=2)
-    assert sorted(os.listdir(tmp_path)) == ["step_00000004", "step_00000005", "step_00000008"]
+    assert sorted(os.listdir(tmp_path)) == ["step_00000004", "step_00000005", "step_00000008.damaged-no-commit"]
     assert mgr2.steps() == [4, 5]
     with pytest.raises(TypeError, match="not JSON serializable"):
         mgr2.save(6, state, {"bad": object()})
@@ -117,6 +119,7 @@ def test_mismatch_errors_name_the_entry(tmp_path):
         mgr.restore_latest({k: v for k, v in state.items() if k != "data_pos"})
     with pytest.raises(ts.CheckpointMismatchError, match=r"meta\['seed'\] is missing"):
         mgr.restore_latest(state, {**meta, "seed": 3})
+    assert os.listdir(tmp_path) == ["step_00000001"]  # the caller's mistake: nothing was set aside
 
 
 def test_restore_onto_mesh(tmp_path):
@@ -144,6 +147,102 @@ def test_restore_onto_mesh(tmp_path):
                                                  template["lora"])}
     _, from_abstract, _ = mgr.restore_latest(abstract, meta)
     leaves_equal(state["lora"], from_abstract["lora"])
+
+
+# ---- damaged checkpoints ----------------------------------------------------------------------------------------
+
+TOY_META = ts.make_meta(TINY, init_lora(TINY, 4, 8.0, seed=0), seed=0)
+
+
+@jax.jit
+def toy_update(lora, opt, rng):
+    key, sub = jax.random.split(jax.random.wrap_key_data(rng))
+    grads = jax.tree.map(lambda x: x + jax.random.normal(sub, x.shape), lora)
+    lora, opt = adamw_update(grads, opt, lora, 1e-2, weight_decay=0.1)
+    return lora, opt, jax.random.key_data(key)
+
+
+def toy_run(directory, steps):
+    """A deterministic stand-in for a training run: resume from the newest intact checkpoint in `directory`,
+    step to `steps`, saving every step (keep 3). Returns (step resumed from, final state)."""
+    lora = init_lora(TINY, 4, 8.0, seed=0)
+    state = {"lora": lora, "opt": adamw_init(lora), "step": 0, "data_pos": np.int64(0),
+             "rng": jax.random.key_data(jax.random.key(0))}
+    mgr = ts.CheckpointManager(directory, keep=3)
+    resumed = mgr.restore_latest(state, TOY_META)
+    if resumed:
+        state = resumed[1]
+    while state["step"] < steps:
+        lora, opt, rng = toy_update(state["lora"], state["opt"], state["rng"])
+        state = {"lora": lora, "opt": opt, "step": state["step"] + 1, "data_pos": state["data_pos"] + 4, "rng": rng}
+        mgr.save(state["step"], state, TOY_META)
+    return (resumed[0] if resumed else 0), state
+
+
+def largest_blob(step_dir):
+    """The biggest array-data file orbax's OCDBT store wrote under the step folder (the LoRA/optimiser arrays)."""
+    return max(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
+
+
+def damage(step_dir, kind):
+    if kind == "meta":
+        with open(os.path.join(step_dir, "meta.json"), "wb") as f:
+            f.write(np.random.default_rng(0).bytes(300))
+    elif kind == "blob-garbage":
+        blob = largest_blob(step_dir)
+        size = os.path.getsize(blob)
+        with open(blob, "wb") as f:
+            f.write(np.random.default_rng(0).bytes(size))
+    elif kind == "blob-truncated":
+        blob = largest_blob(step_dir)
+        os.truncate(blob, os.path.getsize(blob) // 2)
+    elif kind == "commit":
+        os.remove(os.path.join(step_dir, "COMMIT"))
+
+
+@pytest.mark.parametrize("kind,reason", [("meta", "meta"), ("blob-garbage", "data"), ("blob-truncated", "data"),
+                                         ("commit", "no-commit")])
+def test_damaged_newest_resumes_from_previous(tmp_path, capsys, kind, reason):
+    resumed_from, want = toy_run(tmp_path / "ref", 6)  # uninterrupted
+    assert resumed_from == 0
+    run = tmp_path / "run"
+    toy_run(run, 4)
+    damage(run / "step_00000004", kind)
+    capsys.readouterr()
+    resumed_from, got = toy_run(run, 6)
+    out = capsys.readouterr().out
+    assert resumed_from == 3
+    set_aside = f"step_00000004.damaged-{reason}"
+    assert out.count("\n") == 1 and "step_00000004" in out and set_aside in out, out
+    # The damaged folder is kept under its new name; keep-N counted only the intact checkpoints.
+    assert sorted(os.listdir(run)) == ["step_00000004", set_aside, "step_00000005", "step_00000006"]
+    leaves_equal(want, got)
+    assert want["step"] == got["step"] == 6 and int(got["opt"]["count"]) == 6
+
+
+def test_all_damaged_raises_naming_each(tmp_path, capsys):
+    toy_run(tmp_path, 2)
+    damage(tmp_path / "step_00000002", "blob-truncated")
+    damage(tmp_path / "step_00000001", "meta")
+    with pytest.raises(ts.CheckpointDamagedError, match=r"no intact checkpoint.*step_00000002\.damaged-data.*"
+                                                        r"step_00000001\.damaged-meta"):
+        toy_run(tmp_path, 4)
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert sorted(os.listdir(tmp_path)) == ["step_00000001.damaged-meta", "step_00000002.damaged-data"]
+    # A rerun after that starts afresh: set-aside folders are never read, and a damaged name is not reused.
+    assert toy_run(tmp_path, 2)[0] == 0
+    damage(tmp_path / "step_00000002", "commit")
+    assert toy_run(tmp_path, 2)[0] == 1
+    assert "step_00000002.damaged-no-commit" in os.listdir(tmp_path)
+
+
+def test_damage_is_not_a_mismatch(tmp_path):
+    """Damage behind a config change is not looked at: the mismatch is raised first and nothing is renamed."""
+    toy_run(tmp_path, 2)
+    damage(tmp_path / "step_00000002", "blob-garbage")
+    with pytest.raises(ts.CheckpointMismatchError, match="num_kv_heads"):
+        ts.CheckpointManager(tmp_path).restore_latest({}, ts.make_meta(TINY_GEMMA1))
+    assert sorted(os.listdir(tmp_path)) == ["step_00000001", "step_00000002"]
 
 
 # ---- crash test -------------------------------------------------------------------------------------------------

@@ -20,6 +20,12 @@ on every process from a shared file system. Saved dtypes are cast to the templat
 Restore compares the saved meta with the caller's first (a model or LoRA config change names the key), then
 every array's shape against the template (naming the tree path), and puts each array on the template leaf's
 sharding, so a state saved on one mesh can be restored onto another.
+
+Damage from outside (a disk or copy gone wrong: unreadable meta.json or COMMIT, missing or corrupt array data, a
+restored array of the wrong shape or dtype) raises CheckpointDamagedError. `restore_latest` then prints one line,
+sets the folder aside as `step_<s>.damaged-<reason>` (never deleted; keep-N and readers ignore it) and tries the
+next older checkpoint. A CheckpointMismatchError (another model, other LoRA shapes) is the caller's mistake and is
+raised as it is: the checkpoint is fine.
 """
 
 import dataclasses
@@ -51,6 +57,23 @@ def make_meta(cfg, lora=None, **extra) -> dict:
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint does not belong to this run (different model, LoRA shapes or state tree)."""
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint folder cannot be read back as it was written; `reason` is a short slug for the folder name."""
+
+    def __init__(self, message, reason="unreadable"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _damaged(path, reason, what, err=None):
+    """The error for a damaged folder, with the first line of the reader's error (tensorstore's run to pages)."""
+    detail = ""
+    if err is not None:
+        first = (str(err).splitlines() or [""])[0].split(" See full TensorStore details")[0]
+        detail = f": {type(err).__name__}: {first[:200]}"
+    return CheckpointDamagedError(f"{path}: {what}{detail}", reason)
 
 
 def _fsync_path(path):
@@ -203,14 +226,13 @@ class CheckpointManager:
     def path(self, step: int) -> str:
         return os.path.join(self.directory, f"step_{step:08d}")
 
+    def _step_folders(self) -> list[int]:
+        """Steps of every folder with a checkpoint's name, complete or not, ascending."""
+        return sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(self.directory)) if m)
+
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints (final name and a COMMIT marker), ascending."""
-        out = []
-        for name in os.listdir(self.directory):
-            m = _STEP_DIR.match(name)
-            if m and os.path.exists(os.path.join(self.directory, name, "COMMIT")):
-                out.append(int(m.group(1)))
-        return sorted(out)
+        return [s for s in self._step_folders() if os.path.exists(os.path.join(self.path(s), "COMMIT"))]
 
     def save(self, step: int, state, meta: dict) -> str:
         """Write `state` (pytree of arrays / ints) and `meta` (JSON dict) as checkpoint `step`; returns its path.
@@ -238,47 +260,90 @@ class CheckpointManager:
         return final
 
     def read_meta(self, step: int) -> dict:
+        """The folder's meta.json, checked against its COMMIT marker; CheckpointDamagedError if either is bad."""
         path = self.path(step)
-        with open(os.path.join(path, "COMMIT")) as f:
-            commit = json.load(f)
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
+        try:
+            with open(os.path.join(path, "COMMIT")) as f:
+                commit = json.load(f)
+        except FileNotFoundError:
+            raise _damaged(path, "no-commit", "COMMIT marker is missing") from None
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+            raise _damaged(path, "commit", "COMMIT is not valid JSON", e) from None
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise _damaged(path, "meta", "meta.json cannot be read", e) from None
         sha = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-        if commit.get("step") != step or commit.get("meta_sha256") != sha:
-            raise ValueError(f"{path}: COMMIT does not match the folder (step {commit.get('step')}, meta hash)")
+        if not isinstance(commit, dict) or commit.get("step") != step or commit.get("meta_sha256") != sha:
+            raise _damaged(path, "meta", "meta.json does not match the sha256 in COMMIT")
         return meta
 
     def restore(self, step: int, template_state, expected_meta: dict | None = None):
         """(state, meta) of checkpoint `step`, shaped and sharded like `template_state` (arrays, numpy values,
         ints or jax.ShapeDtypeStructs with shardings). With `expected_meta`, each of its entries must equal the
-        saved one. Raises CheckpointMismatchError naming the first differing meta entry or array path."""
+        saved one. Raises CheckpointMismatchError naming the first differing meta entry or array path, and
+        CheckpointDamagedError when the folder cannot be read back as written."""
         path = self.path(step)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(template_state)
+        names = [_keystr(p) for p, _ in leaves]
+        targets = {name: _restore_target(leaf) for name, (_, leaf) in zip(names, leaves)}  # template errors first
         meta = self.read_meta(step)
         if expected_meta is not None:
             _check_meta(meta, expected_meta, path)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(template_state)
-        names = [_keystr(p) for p, _ in leaves]
-        stored = _flatten_nested(self._orbax().metadata(os.path.join(path, "state")).item_metadata.tree)
-        targets = {}
-        for name, (_, leaf) in zip(names, leaves):
-            target = _restore_target(leaf)
+        state_dir = os.path.join(path, "state")
+        try:
+            stored = _flatten_nested(self._orbax().metadata(state_dir).item_metadata.tree)
+        except Exception as e:  # orbax / tensorstore raise many types for a missing or garbled file
+            raise _damaged(path, "data", "the array metadata cannot be read", e) from None
+        for name, target in targets.items():
             if name not in stored:
                 raise CheckpointMismatchError(f"{path}: state entry {name!r} is not in the checkpoint")
             if tuple(stored[name].shape) != tuple(target.shape):
                 raise CheckpointMismatchError(f"{path}: state entry {name!r} has shape {tuple(stored[name].shape)} "
                                               f"in the checkpoint but {tuple(target.shape)} in this run")
-            targets[name] = target
         extra = sorted(set(stored) - set(names))
         if extra:
             raise CheckpointMismatchError(f"{path}: checkpoint has state entries this run lacks: {extra}")
-        restored = _flatten_nested(self._orbax().restore(os.path.join(path, "state"), _nest(targets)))
+        try:
+            restored = _flatten_nested(self._orbax().restore(state_dir, _nest(targets)))
+        except Exception as e:
+            raise _damaged(path, "data", "the array data cannot be read", e) from None
+        for name, target in targets.items():
+            got = restored.get(name)
+            if got is None or tuple(np.shape(got)) != tuple(target.shape) or got.dtype != target.dtype:
+                raise _damaged(path, "data", f"state entry {name!r} came back as "
+                               f"{getattr(got, 'dtype', None)}{tuple(np.shape(got))}, not {target.dtype}{target.shape}")
         values = [_from_restored(leaf, restored[name]) for name, (_, leaf) in zip(names, leaves)]
         return jax.tree.unflatten(treedef, values), meta
 
+    def set_aside(self, step: int, reason: str) -> str:
+        """Rename a damaged checkpoint to `step_<s>.damaged-<reason>[-n]`, out of every reader's way; returns it."""
+        base = f"{self.path(step)}.damaged-{reason}"
+        dest, n = base, 1
+        while os.path.exists(dest):
+            dest, n = f"{base}-{n}", n + 1
+        os.rename(self.path(step), dest)
+        _fsync_path(self.directory)
+        return dest
+
     def restore_latest(self, template_state, expected_meta: dict | None = None):
-        """(step, state, meta) of the newest complete checkpoint, or None when there is none."""
-        steps = self.steps()
-        if not steps:
-            return None
-        state, meta = self.restore(steps[-1], template_state, expected_meta)
-        return steps[-1], state, meta
+        """(step, state, meta) of the newest intact checkpoint, or None when there is none at all.
+
+        Newest first: a damaged one is reported in one printed line, set aside (see `set_aside`) and the next
+        older one tried. With every checkpoint damaged, raises CheckpointDamagedError naming them all."""
+        damaged = []
+        for step in reversed(self._step_folders()):
+            try:
+                state, meta = self.restore(step, template_state, expected_meta)
+            except CheckpointDamagedError as e:
+                dest = self.set_aside(step, e.reason)
+                print(f"damaged checkpoint {e}; set aside as {os.path.basename(dest)}, trying the previous one",
+                      flush=True)
+                damaged.append(dest)
+                continue
+            return step, state, meta
+        if damaged:
+            raise CheckpointDamagedError(f"no intact checkpoint in {self.directory}: every one was damaged and set "
+                                         f"aside: {', '.join(damaged)}", "all")
+        return None
