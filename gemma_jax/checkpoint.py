@@ -1,4 +1,4 @@
-"""Checkpoint I/O: Hugging Face safetensors folders (load and save) and Kaggle Flax/orbax Gemma checkpoints (load),
+"""Checkpoint I/O: Hugging Face safetensors folders and Kaggle Flax/orbax Gemma checkpoints (load and save),
 Gemma 1, 2 and 3 (text; the text tower of the multimodal Gemma 3 releases).
 
 Both loaders fill preallocated stacked numpy arrays one tensor (HF) or one layer (Kaggle) at a time, so peak host
@@ -41,6 +41,10 @@ The padded ids are never produced by the tokenizer, and the kept logits equal Tu
 query_pre_attn_scalar = head_dim (true for 2B and 9B, and what Tunix hard-codes). Pass `cfg` for anything else.
 (4) An inferred Gemma 3 config is the GEMMA3_* preset with the same shapes (window, RoPE scaling and the 27B query
 scale are not in the shapes); other shapes need `cfg`.
+save_kaggle writes what Tunix reads: cfg.vocab_size embedding rows (no padding), qkv_einsum when K == N (Tunix's
+Gemma then expects the fused weight), gating [2,D,F] for Gemma 1 / 2 (the layout Tunix assigns untransposed) and
+[2,F,D] for Gemma 3 (its upstream layout, which Tunix's Gemma 3 mapping transposes; [2,D,F] when D == F, so that
+load_kaggle reads it back, decision 2).
 """
 
 import dataclasses
@@ -321,19 +325,24 @@ def _write_safetensors(file: str, entries: list) -> None:
             f.write(arr.tobytes())
 
 
+def _check_params(cfg: GemmaConfig, params: dict) -> str:
+    """Raise naming the first param missing or shaped unlike param_specs(cfg); returns the params' dtype name."""
+    specs = param_specs(cfg)
+    for key, spec in [("embed", specs["embed"]), ("final_norm", specs["final_norm"])] + [
+            (f"layers/{k}", s) for k, s in specs["layers"].items()]:
+        arr = params.get(key) if "/" not in key else params["layers"].get(key[7:])
+        if arr is None or tuple(arr.shape) != spec.shape:
+            raise ValueError(f"param {key!r}: shape {None if arr is None else tuple(arr.shape)}, expected {spec.shape}")
+    return _dtype_name(params["embed"].dtype)
+
+
 def save_hf(path, cfg: GemmaConfig, params: dict) -> None:
     """Write `model.safetensors` + `config.json` that transformers' AutoModelForCausalLM loads as the same model
     (GemmaForCausalLM, Gemma2ForCausalLM or Gemma3ForCausalLM, with cfg.vocab_size embedding rows). Tensors keep
     the params' dtype (bf16 params are saved as BF16)."""
     path = os.fspath(path)
-    dtype = _dtype_name(params["embed"].dtype)
+    dtype = _check_params(cfg, params)
     np_dtype = _ST_TO_NP[_NP_TO_ST[dtype]]
-    specs = param_specs(cfg)
-    for key, spec in [("embed", specs["embed"]), ("final_norm", specs["final_norm"])] + [
-            (f"layers/{k}", s) for k, s in specs["layers"].items()]:
-        arr = params[key] if "/" not in key else params["layers"].get(key[7:])
-        if arr is None or tuple(arr.shape) != spec.shape:
-            raise ValueError(f"param {key!r}: shape {None if arr is None else tuple(arr.shape)}, expected {spec.shape}")
     entries = []
     for name, (ours, i, hf_shape) in _hf_name_map(cfg).items():
         src = params[ours] if i is None else params["layers"][ours]
@@ -527,6 +536,41 @@ def load_kaggle(path, cfg: GemmaConfig | None = None, dtype=None) -> tuple[Gemma
         tensors = _restore(path, leaves, [n for n in leaves if n.startswith(prefix)])
         _fill_kaggle_layer(params, i, {n[len(prefix):]: v for n, v in tensors.items()}, cfg)
     return cfg, _to_jax(params)
+
+
+def _kaggle_layer_tree(params: dict, i: int, cfg: GemmaConfig) -> dict:
+    """Layer i of our stacked params as Kaggle leaves (short names): the inverse of _fill_kaggle_layer."""
+    lay = {k: np.asarray(v[i]) for k, v in params["layers"].items()}
+    q_NDH, k_KDH, v_KDH = (lay[n].transpose(1, 0, 2) for n in ("q", "k", "v"))
+    t = {"attn/qkv_einsum/w": np.stack([q_NDH, k_KDH, v_KDH])} if cfg.num_kv_heads == cfg.num_heads else {
+        "attn/q_einsum/w": q_NDH, "attn/kv_einsum/w": np.stack([k_KDH, v_KDH])}
+    gating_2DF = np.stack([lay["gate"], lay["up"]])
+    gemma3_layout = cfg.use_qk_norm and cfg.embed_dim != cfg.hidden_dim  # D == F reads back as [2,D,F]: decision 2
+    t.update({"attn/attn_vec_einsum/w": lay["o"], "mlp/linear/w": lay["down"],
+              "mlp/gating_einsum/w": gating_2DF.transpose(0, 2, 1) if gemma3_layout else gating_2DF,
+              "pre_attention_norm/scale": lay["attn_norm"], "pre_ffw_norm/scale": lay["ffw_norm"]})
+    if cfg.use_post_norms:
+        t["post_attention_norm/scale"], t["post_ffw_norm/scale"] = lay["post_attn_norm"], lay["post_ffw_norm"]
+    if cfg.use_qk_norm:
+        t["attn/_query_norm/scale"], t["attn/_key_norm/scale"] = lay["q_norm"], lay["k_norm"]
+    return t
+
+
+def save_kaggle(path, cfg: GemmaConfig, params: dict) -> None:
+    """Write `params` as a Kaggle Flax/orbax Gemma checkpoint folder at `path` (must not exist), the layout
+    load_kaggle and Tunix's `params.load_and_format_params` read (module docstring). Tensors keep the params'
+    dtype. Host memory: one numpy copy of the model, which orbax writes in one go."""
+    path = os.path.abspath(os.fspath(path))  # orbax wants absolute paths
+    _check_params(cfg, params)
+    tree = {"transformer/embedder": {"input_embedding": np.asarray(params["embed"])},
+            "transformer/final_norm": {"scale": np.asarray(params["final_norm"])}}
+    for i in range(cfg.num_layers):
+        for name, arr in _kaggle_layer_tree(params, i, cfg).items():
+            module, leaf = name.rsplit("/", 1)
+            tree.setdefault(f"transformer/layer_{i}/{module}", {})[leaf] = arr
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path, tree)
+    ckpt.wait_until_finished()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Checkpoint loader tests: Kaggle/orbax checkpoints against Tunix's own loader, dtype casts, and bad input.
+"""Checkpoint loader tests: Kaggle/orbax checkpoints against Tunix's own loader, dtype casts, and bad input;
+save_kaggle's output read by Tunix's loader and by ours.
 
 The Kaggle checkpoints are written here with orbax in the layout Tunix 0.1.7 reads (`params.load_and_format_params`
 then the linen->nnx mapping of `Gemma.from_params`). Tunix's loader builds its model from the same files with a tiny
@@ -23,7 +24,7 @@ from tunix.rl import common as tunix_common
 from tunix_utils import to_tunix, tunix_config
 
 import gemma_jax as g
-from gemma_jax.checkpoint import load_hf, load_kaggle
+from gemma_jax.checkpoint import _orbax_leaves, load_hf, load_kaggle, save_kaggle
 from gemma_jax.model import forward, param_specs
 
 TUNIX_GEMMA2 = dataclasses.replace(g.TINY, query_pre_attn_scalar=16)  # Tunix scales queries by head_dim**-0.5
@@ -123,6 +124,40 @@ def test_kaggle_matches_tunix_loader(cfg, gating_fd, pad_rows, tmp_path):
     tokens = np.random.RandomState(0).randint(4, cfg.vocab_size, (2, 20))
     theirs = np.asarray(_tunix_logits(tunix_model, jnp.asarray(tokens)))[..., : cfg.vocab_size]
     assert np.abs(np.asarray(forward(ours, jnp.asarray(tokens), cfg)[0]) - theirs).max() <= 1e-4
+
+
+@pytest.mark.parametrize("cfg", [TUNIX_GEMMA2, g.TINY_GEMMA1, TUNIX_MHA], ids=["gemma2", "gemma1_mqa", "mha"])
+def test_save_kaggle_read_by_tunix_and_by_us(cfg, tmp_path):
+    params = _params(cfg, 4)
+    save_kaggle(tmp_path / "out", cfg, params)
+    _, back = load_kaggle(tmp_path / "out", cfg)
+    for key in ("embed", "final_norm"):
+        assert np.array_equal(np.asarray(back[key]), params[key]) and back[key].dtype == jnp.float32, key
+    assert back["layers"].keys() == params["layers"].keys()
+    for key, want in params["layers"].items():
+        assert np.array_equal(np.asarray(back["layers"][key]), want), key
+    tunix_model = _tunix_load(tmp_path / "out", cfg)
+    tokens = np.random.RandomState(1).randint(4, cfg.vocab_size, (2, 20))
+    theirs = np.asarray(_tunix_logits(tunix_model, jnp.asarray(tokens)))
+    mine = np.asarray(forward(back, jnp.asarray(tokens), cfg)[0])
+    assert theirs.shape == mine.shape and np.abs(mine - theirs).max() <= 1e-4
+
+
+def test_save_kaggle_gemma3_layout_and_round_trip(tmp_path):
+    cfg = g.TINY_GEMMA3
+    params = _params(cfg, 5, dtype=ml_dtypes.bfloat16)
+    save_kaggle(tmp_path / "g3", cfg, params)
+    leaves = _orbax_leaves(str(tmp_path / "g3"))
+    D, F, H = cfg.embed_dim, cfg.hidden_dim, cfg.head_dim
+    assert leaves["transformer/layer_0/mlp/gating_einsum/w"][1:] == ((2, F, D), "bfloat16")  # upstream Gemma 3
+    assert leaves["transformer/layer_6/attn/_key_norm/scale"][1] == (H,)
+    _, back = load_kaggle(tmp_path / "g3", cfg, dtype="bfloat16")  # an explicit cfg casts to its dtype otherwise
+    for key, want in params["layers"].items():
+        assert back["layers"][key].dtype == jnp.bfloat16 and np.array_equal(np.asarray(back["layers"][key]), want)
+    assert np.array_equal(np.asarray(back["embed"]), params["embed"])
+    with pytest.raises(ValueError, match=r"param 'layers/q_norm': shape None"):
+        save_kaggle(tmp_path / "bad", cfg, {**params, "layers": {k: v for k, v in params["layers"].items()
+                                                                 if k != "q_norm"}})
 
 
 def test_kaggle_config_inferred_from_shapes(tmp_path):
