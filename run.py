@@ -1,4 +1,4 @@
-"""nanotunix entry point: `python run.py --stage sft|grpo|eval|generate [options]`.
+"""nanotunix entry point: `python run.py --stage sft|grpo|eval|generate|export [options]`.
 
 With no arguments it runs the GRPO stage of the embedded default (a tiny Gemma and bundled data, on a CPU);
 `--stage sft` or `--stage grpo` without --base and --data runs that stage of it (cli/embedded.py).
@@ -10,12 +10,13 @@ import sys
 
 from cli import embedded
 from cli import eval as eval_cli
+from cli import export as export_cli
 from cli import generate as generate_cli
 from cli import grpo as grpo_cli
 from cli import sft as sft_cli
 from cli.common import run_cli
 
-STAGES = {"sft": sft_cli, "grpo": grpo_cli, "eval": eval_cli, "generate": generate_cli}
+STAGES = {"sft": sft_cli, "grpo": grpo_cli, "eval": eval_cli, "generate": generate_cli, "export": export_cli}
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """The command line: a user's mistake ends `python run.py --stage X` with one `error:` line naming the culprit and
 exit status 2 (a subprocess each, on tiny real files); the flags generated from the hyperparameter dataclasses
-(every field's default, every field settable, stage defaults); and every `python run.py` command in README.md
-parses."""
+(every field's default, every field settable, stage defaults); `--stage export` in-process; and every
+`python run.py` command in README.md parses."""
 
 import argparse
 import contextlib
@@ -18,15 +18,16 @@ import typing
 import pytest
 
 from cli import eval as eval_cli
+from cli import export as export_cli
 from cli import generate as generate_cli
 from cli import grpo as grpo_cli
 from cli import sft as sft_cli
-from cli.common import hparams_from_args
+from cli.common import hparams_from_args, run_cli
 from grpo.learner import GRPOHParams
 from sft.train import STAGE_DEFAULTS, HParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = {"sft": sft_cli, "grpo": grpo_cli, "eval": eval_cli, "generate": generate_cli}
+STAGES = {"sft": sft_cli, "grpo": grpo_cli, "eval": eval_cli, "generate": generate_cli, "export": export_cli}
 
 
 # ------------------------------------------------------------------------------------------- user errors
@@ -95,6 +96,42 @@ def test_user_error_is_one_line_and_status_2(files, case):
     assert re.search(".*".join(re.escape(e.format(d=d)) for e in expected), lines[0]), lines[0]
     assert lines[0].count(expected[0].format(d=d)) == 1, lines[0]  # the culprit named once, not "x: x: ..."
     assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_export_kaggle_merges_the_adapters(files, tmp_path, capsys):
+    import jax
+    import numpy as np
+
+    from gemma_jax.checkpoint import load_hf, load_kaggle
+    from gemma_jax.config import TINY
+    from lora.adapters import LoRA, init_lora, merge
+    from lora.io import save_adapters
+
+    lora = init_lora(TINY, 4, 8.0, seed=1)
+    lora = LoRA({n: {"a": ab["a"], "b": ab["b"] + 0.01 * (i + 1)} for i, (n, ab) in enumerate(lora.layers.items())},
+                lora.scale)  # non-zero B: the merge changes every adapted weight
+    save_adapters(str(tmp_path / "adapters"), lora, TINY)
+    out = str(tmp_path / "kaggle")
+    argv = ["--format", "kaggle", *files["base"], "--adapters", str(tmp_path / "adapters"), "--out", out]
+    assert run_cli(export_cli.main, argv, prog="run.py --stage export") == 0
+    assert capsys.readouterr().out.strip() == f"export: wrote kaggle to {out} with the adapters of " \
+                                              f"{tmp_path / 'adapters'} merged in"
+    _, base = load_hf(files["base"][1])
+    want = merge(base, lora)
+    _, got = load_kaggle(out, TINY)  # explicit config: an inferred one has Gemma 2 2B's window
+    for path, w in jax.tree_util.tree_flatten_with_path(want)[0]:
+        g = got
+        for k in path:
+            g = g[k.key]
+        assert np.array_equal(np.asarray(w), np.asarray(g)), path
+    assert not np.array_equal(np.asarray(want["layers"]["q"]), np.asarray(base["layers"]["q"]))
+    assert os.path.getsize(os.path.join(out, "tokenizer.model")) == os.path.getsize(files["base"][3])
+    # Refused before anything is loaded: an --out in use, and peft without adapters.
+    assert run_cli(export_cli.main, argv, prog="export") == 2
+    assert f"--out: {out} exists" in capsys.readouterr().err
+    assert run_cli(export_cli.main, ["--format", "peft", *files["base"], "--out", str(tmp_path / "p")],
+                   prog="export") == 2
+    assert "--format peft: give the --adapters" in capsys.readouterr().err
 
 
 def test_missing_base_folder_is_named_before_its_tokenizer(files):
