@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from gemma_jax.sharding import batch_sharding, place_train_state
 from sft.loss import nll_sum
 from train.metrics import MetricsLogger
-from train.optim import accumulate_grads, adamw_init, apply_update
+from train.optim import accumulate_grads, adamw_init, apply_update, check_nonfinite
 from train.state import CheckpointManager, make_meta
 
 
@@ -42,6 +42,7 @@ class HParams:
     batch: int = 2  # rows per micro-batch
     grad_accum: int = 64  # micro-batches per optimizer step
     max_len: int = 2048  # tokens per row (prompt + completion)
+    max_nonfinite: int = 3  # consecutive non-finite steps (skipped) that stop the run
 
     @property
     def total_updates(self) -> int:
@@ -69,7 +70,7 @@ def accumulated_grads(lora, base_params, batch, cfg):
 
 def _train_step(lora, opt_state, base_params, batch, *, cfg, hp: HParams):
     loss, grads, n_total = accumulated_grads(lora, base_params, batch, cfg)
-    lora, opt_state, m = apply_update(grads, opt_state, lora, hp)
+    lora, opt_state, m = apply_update(grads, opt_state, lora, hp, loss=loss)
     return lora, opt_state, {"loss": loss, **m, "target_tokens": n_total,
                              "tokens": jnp.sum(batch["pad_mask"]).astype(jnp.float32)}
 
@@ -136,7 +137,7 @@ def train_loop(cfg, base_params, lora, data, hp: HParams, out_dir: str, *, eval_
         state = {"lora": lora, "opt": opt_state, "step": step, "data_pos": position, "rng": rng}
         ckpt.save(step, state, make_meta(cfg, lora, grad_accum=hp.grad_accum, batch_size=data.batch_size, seed=seed))
 
-    last = {}
+    last, streak = {}, 0
     with MetricsLogger(out_dir, hp.total_updates, print_fn=print_fn, tensorboard=tensorboard) as log:
         log.start()
         end = hp.total_updates if stop_at_step is None else min(stop_at_step, hp.total_updates)
@@ -146,6 +147,7 @@ def train_loop(cfg, base_params, lora, data, hp: HParams, out_dir: str, *, eval_
             step, position = step + 1, position + hp.grad_accum
             last = {k: float(v) for k, v in metrics.items()}  # blocks: the console line needs the values
             log.log(step, last)
+            streak = check_nonfinite(last, step, streak, hp.max_nonfinite, print_fn)
             if eval_data is not None and eval_every and (step % eval_every == 0 or step == hp.total_updates):
                 log.log(step, {"loss": eval_loss(lora, base_params, eval_data, cfg, eval_batches)}, kind="eval")
             if save_every and (step % save_every == 0 or step == end):

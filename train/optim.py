@@ -80,15 +80,40 @@ def accumulate_grads(loss_fn, lora, micro):
     return jax.lax.scan(body, zeros, micro)
 
 
-def apply_update(grads, opt_state, params, hp):
+def apply_update(grads, opt_state, params, hp, loss=None):
     """The step SFT and GRPO share: global-norm clip -> learning rate of this update -> AdamW.
 
     Reads from `hp`: clip, lr, warmup_steps, total_updates, final_lr_ratio, b1, b2, eps, weight_decay. The lr
     schedule is indexed by the optimizer's own update count (0 before the first update, optax's convention), so a
-    resumed run continues the schedule from its restored state. Returns (params, opt_state, {grad_norm, lr})."""
+    resumed run continues the schedule from its restored state.
+    Non-finite guard: when the gradient norm (or `loss`, if given) is not finite, the update is skipped: params
+    and optimizer state come back unchanged (the count too, so the schedule does not advance) and the metric
+    `nonfinite_skipped` is 1. Returns (params, opt_state, {grad_norm, lr, nonfinite_skipped})."""
     grads, grad_norm = clip_by_global_norm(grads, hp.clip)
     lr = lr_schedule(opt_state["count"], peak_lr=hp.lr, warmup_steps=hp.warmup_steps, total_steps=hp.total_updates,
                      final_ratio=hp.final_lr_ratio)
-    params, opt_state = adamw_update(grads, opt_state, params, lr, b1=hp.b1, b2=hp.b2, eps=hp.eps,
-                                     weight_decay=hp.weight_decay)
-    return params, opt_state, {"grad_norm": grad_norm, "lr": lr}
+    new_params, new_state = adamw_update(grads, opt_state, params, lr, b1=hp.b1, b2=hp.b2, eps=hp.eps,
+                                         weight_decay=hp.weight_decay)
+    finite = jnp.isfinite(grad_norm) if loss is None else jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params, opt_state = jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_state, opt_state)
+    return params, opt_state, {"grad_norm": grad_norm, "lr": lr, "nonfinite_skipped": 1.0 - finite.astype(jnp.float32)}
+
+
+class NonFiniteError(ValueError):
+    """Too many consecutive steps with a non-finite loss or gradient: the run stops (its last checkpoint holds the
+    last finite state)."""
+
+
+def check_nonfinite(metrics: dict, step: int, streak: int, limit: int, print_fn=print) -> int:
+    """The loops' side of the guard: count consecutive skipped updates; raise NonFiniteError at `limit` in a row.
+    Returns the new streak."""
+    if not metrics.get("nonfinite_skipped"):
+        return 0
+    streak += 1
+    print_fn(f"step {step}: non-finite loss or gradient (loss {metrics.get('loss')}, grad norm "
+             f"{metrics.get('grad_norm')}); update skipped ({streak} in a row, limit {limit})")
+    if streak >= limit:
+        raise NonFiniteError(f"step {step}: {streak} consecutive updates with a non-finite loss or gradient; "
+                             "stopping (the last checkpoint holds the last finite state)")
+    return streak

@@ -37,6 +37,7 @@ import shutil
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -243,11 +244,15 @@ class CheckpointManager:
         if os.path.exists(final):
             raise FileExistsError(f"checkpoint {final} already exists; steps must increase within a run")
         meta_text = json.dumps(meta, sort_keys=True)  # fails early, before any file is written, if not JSON-able
+        flat = _to_saveable(state)
+        for name, leaf in flat.items():  # a checkpoint never holds a NaN or inf: a resume would start from it
+            if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf))):
+                raise ValueError(f"checkpoint {final}: leaf {name!r} holds non-finite values; not saved")
         tmp = f"{final}.tmp-{os.getpid()}-{time.time_ns()}"
         os.makedirs(tmp)
         try:
             ckpt = self._orbax()
-            ckpt.save(os.path.join(tmp, "state"), _nest(_to_saveable(state)))
+            ckpt.save(os.path.join(tmp, "state"), _nest(flat))
             ckpt.wait_until_finished()
             _write_json(os.path.join(tmp, "meta.json"), meta)
             _fsync_tree(tmp)
