@@ -264,22 +264,13 @@ def attention_masks(cfg, q_pos_BT, k_pos_BS, k_valid_BS, q_slot_T, k_slot_S, q_s
 
 
 def _scores(q_BTKGH, k_BSKH):
-    """q . k for every query and key [B,K,G,T,S], float32. One query (decoding) is a matrix-vector product per
-    (row, head): a fused multiply-reduce reads the cache once in its [B,S,K,H] layout, where a dot_general would
-    first transpose the cache to [B,K,S,H] (a full copy per layer per step)."""
+    """q . k for every query and key [B,K,G,T,S], float32. (One-token decoding has its own layout in decode.py.)"""
     k_BSKH = k_BSKH.astype(q_BTKGH.dtype)
-    if q_BTKGH.shape[1] == 1:
-        prod_BSKGH = q_BTKGH[:, 0][:, None].astype(jnp.float32) * k_BSKH[:, :, :, None, :].astype(jnp.float32)
-        return jnp.sum(prod_BSKGH, axis=-1).transpose(0, 2, 3, 1)[:, :, :, None, :]
     return jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
 
 
 def _weighted_values(p_BKGTS, v_BSKH):
-    """sum_S p v -> [B,T,K,G,H]; the one-query case as a fused multiply-reduce, as in `_scores`."""
-    if p_BKGTS.shape[3] == 1:
-        p_BSKG = p_BKGTS[:, :, :, 0].transpose(0, 3, 1, 2)
-        o_BKGH = jnp.sum(p_BSKG[..., None] * v_BSKH[:, :, :, None, :], axis=1, dtype=jnp.float32)
-        return o_BKGH[:, None].astype(v_BSKH.dtype)
+    """sum_S p v -> [B,T,K,G,H]."""
     return jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
 
 
