@@ -12,7 +12,8 @@ Params are a plain dict pytree. Layer weights are stacked along a leading L axis
             gate [L,D,F], up [L,D,F], down [L,F,D], and for Gemma 2 post_attn_norm [L,D], post_ffw_norm [L,D];
             Gemma 3 adds q_norm [L,H], k_norm [L,H] (QK-norm, applied per head before RoPE).
 
-Numerics follow REFERENCE.md §1 (checked against transformers and Tunix in tests/): embedding scaled by
+Numerics follow transformers (`models/gemma/modeling_gemma.py`, `models/gemma2/modeling_gemma2.py`) and Tunix
+(`tunix/models/gemma/model.py`), checked against both in tests/: embedding scaled by
 sqrt(D) cast to the weight dtype, (1 + w) RMSNorm in float32, half-split RoPE, softcap before masking, a finite
 mask value, float32 softmax, a position-based sliding window (q - W < k <= q), tied and softcapped unembedding.
 Gemma 3 (transformers `models/gemma3/modeling_gemma3.py`): q/k RMSNorm then RoPE with the layer type's base and
@@ -303,8 +304,8 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, mask_BT
 
     Without a cache the T tokens attend to each other under mask_BTS [B,T,T]. With a cache the queries attend to
     the cached slots under mask_BTS [B,T,S] and to the T new keys under mask_new_BTT, in one softmax over both;
-    the caller writes the new keys/values into the cache once, after all layers. (Writing them into the cache
-    here, inside the layer scan, made XLA copy the whole cache every layer: ~3x slower decoding.)
+    the caller writes the new keys/values into the cache once, after all layers: written here, inside the layer
+    scan, XLA copies the whole cache every layer (measurements: docs/performance.md, 'KV cache writes').
     """
     B, T, _ = x_BTD.shape
     q_BTKGH, k_BTKH, v_BTKH = _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local)
@@ -423,10 +424,9 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
         layer = jax.checkpoint(layer, prevent_cse=not cfg.scan_layers)
     elif cfg.scan_layers:
         # Under differentiation the scan stacks every residual of every layer into [L, ...] buffers, which XLA's
-        # CPU backend zero-fills and copies (six [L,B,T,F] and three [L,B,K,G,T,S] of them per step at MID).
-        # Saving only the weight matmuls' outputs and recomputing the elementwise work and the attention
-        # products in the backward pass is faster (MID SFT step 1.46 -> 1.15 s) and keeps less memory.
-        # No effect without differentiation.
+        # CPU backend zero-fills and copies. Saving only the weight matmuls' outputs and recomputing the
+        # elementwise work and the attention products in the backward pass is faster and keeps less memory
+        # (measurements: docs/performance.md, 'Layer scan residuals'). No effect without differentiation.
         layer = jax.checkpoint(layer, prevent_cse=False,
                                policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     xs = (params["layers"], lora_layers, is_local_L, None if cache is None else cache["k"],
