@@ -23,10 +23,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from gemma_jax.config import GEMMA2_2B  # noqa: E402
-from gemma_jax.model import abstract_params  # noqa: E402
+from gemma_jax.model import abstract_params, lora_specs  # noqa: E402
 from gemma_jax.scoring import token_logprobs  # noqa: E402
 from gemma_jax.sharding import batch_sharding, lora_shardings, make_mesh, optimizer_shardings, param_shardings  # noqa: E402
-from lora.adapters import DEFAULT_TARGETS, LoRA, lora_shapes  # noqa: E402
+from lora.adapters import DEFAULT_TARGETS, LoRA  # noqa: E402
 from train import memory  # noqa: E402
 from train.optim import adamw_update, clip_by_global_norm  # noqa: E402
 
@@ -55,9 +55,8 @@ def abstract_inputs(cfg, rank, batch, seq_len, mesh, lora_dtype=jnp.float32):
     def sds(shape, dtype, sharding):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    L = cfg.num_layers
-    lora_shape = LoRA(layers={n: {"a": jax.ShapeDtypeStruct((L, *a), lora_dtype), "b": jax.ShapeDtypeStruct((L, *b),
-                      lora_dtype)} for n, (a, b) in lora_shapes(cfg, rank, DEFAULT_TARGETS).items()}, scale=2.0)
+    lora_shape = LoRA(layers={n: {k: jax.ShapeDtypeStruct(spec.shape, lora_dtype) for k, spec in ab.items()}
+                              for n, ab in lora_specs(cfg, rank, DEFAULT_TARGETS).items()}, scale=2.0)
     l_sh = lora_shardings(lora_shape, mesh)
     lora = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), lora_shape, l_sh)
     o_sh = optimizer_shardings(l_sh, mesh)

@@ -1,4 +1,5 @@
-"""Gemma 1, 2 and 3 (text) in plain JAX: weight specs, init, KV cache, and the forward pass.
+"""Gemma 1, 2 and 3 (text) in plain JAX: weight specs (and which weights carry LoRA adapters), init, KV cache,
+and the forward pass.
 
 Dimension letters used in names and einsums throughout the project:
     B batch, T query length, S key length (cache capacity), D model width, N query heads, K kv heads,
@@ -11,7 +12,8 @@ Params are a plain dict pytree. Layer weights are stacked along a leading L axis
             gate [L,D,F], up [L,D,F], down [L,F,D], and for Gemma 2 post_attn_norm [L,D], post_ffw_norm [L,D];
             Gemma 3 adds q_norm [L,H], k_norm [L,H] (QK-norm, applied per head before RoPE).
 
-Numerics follow REFERENCE.md §1 (checked against transformers and Tunix in tests/): embedding scaled by
+Numerics follow transformers (`models/gemma/modeling_gemma.py`, `models/gemma2/modeling_gemma2.py`) and Tunix
+(`tunix/models/gemma/model.py`), checked against both in tests/: embedding scaled by
 sqrt(D) cast to the weight dtype, (1 + w) RMSNorm in float32, half-split RoPE, softcap before masking, a finite
 mask value, float32 softmax, a position-based sliding window (q - W < k <= q), tied and softcapped unembedding.
 Gemma 3 (transformers `models/gemma3/modeling_gemma3.py`): q/k RMSNorm then RoPE with the layer type's base and
@@ -35,7 +37,7 @@ MASK_VALUE = -2.3819763e38
 class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]  # logical axis names, mapped to mesh axes by gemma_jax/sharding.py
-    init: str  # "normal" (fan-in scaled), "embed" or "zeros"
+    init: str  # "normal" (fan-in scaled), "embed", "zeros" or "he_uniform" (LoRA A: uniform +-sqrt(6 / fan_in))
     fan_in: int = 1
 
 
@@ -66,6 +68,71 @@ def param_specs(cfg: GemmaConfig) -> dict:
         "final_norm": ParamSpec((D,), ("norm",), "zeros"),
         "layers": layers,
     }
+
+
+# Logical axis name of each dimension letter of a weight (mapped to mesh axes by gemma_jax/sharding.py RULES).
+AXIS_NAMES = {"L": "layers", "D": "embed", "F": "mlp", "N": "heads", "K": "kv_heads", "H": "head_dim", "R": "rank",
+              "C": "pair"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraTarget:
+    """Where a LoRA adapter sits: the dimension letters of A and B per layer (A: the projection's input, then R;
+    B: R, then its output) and the base weight(s) of param_specs()["layers"] that scale * A @ B is added to.
+    C indexes `adds_to` (Tunix's fused kv adapter: one A, B [R,2,K,H], its C = 0 slice added to k, C = 1 to v)."""
+    a: str
+    b: str
+    adds_to: tuple[str, ...]
+
+
+# The weights that can carry an adapter: the LoRA layout is declared here once, and lora_delta (forward),
+# sharding.lora_shardings, lora/ (init, merge, io) and train/memory.py all read it through lora_specs.
+LORA_TARGETS = {
+    "q": LoraTarget("DR", "RNH", ("q",)),
+    "k": LoraTarget("DR", "RKH", ("k",)),
+    "v": LoraTarget("DR", "RKH", ("v",)),
+    "kv": LoraTarget("DR", "RCKH", ("k", "v")),
+    "o": LoraTarget("NHR", "RD", ("o",)),
+    "gate": LoraTarget("DR", "RF", ("gate",)),
+    "up": LoraTarget("DR", "RF", ("up",)),
+    "down": LoraTarget("FR", "RD", ("down",)),
+}
+
+
+def lora_target(name: str) -> LoraTarget:
+    """The LORA_TARGETS entry of `name`; a ValueError listing the known targets for any other name."""
+    if name not in LORA_TARGETS:
+        raise ValueError(f"unknown LoRA target {name!r}; choose from {sorted(LORA_TARGETS)}")
+    return LORA_TARGETS[name]
+
+
+def lora_axes(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Logical axes of A and B of the adapter `name`, with the leading L axis."""
+    t = lora_target(name)
+    return tuple(AXIS_NAMES[c] for c in "L" + t.a), tuple(AXIS_NAMES[c] for c in "L" + t.b)
+
+
+def lora_specs(cfg: GemmaConfig, rank: int, targets) -> dict:
+    """name -> {"a": ParamSpec, "b": ParamSpec} of each adapter, in the order of `targets`: shapes with the leading
+    L axis, logical axes, and init (A He-uniform with fan_in = its per-layer input size, B zeros, so a fresh
+    adapter leaves the model unchanged). Raises for an unknown target and when two targets adapt the same base
+    weight (the fused 'kv' with 'k' or 'v')."""
+    sizes = {"L": cfg.num_layers, "D": cfg.embed_dim, "F": cfg.hidden_dim, "N": cfg.num_heads, "K": cfg.num_kv_heads,
+             "H": cfg.head_dim, "R": rank}
+    out, adapted = {}, {}
+    for name in dict.fromkeys(targets):
+        t = lora_target(name)
+        for w in t.adds_to:
+            if w in adapted:
+                raise ValueError(f"LoRA targets {adapted[w]!r} and {name!r} both adapt {w!r}: use either the fused "
+                                 "'kv' adapter or separate 'k'/'v', not both")
+            adapted[w] = name
+        a_axes, b_axes = lora_axes(name)
+        size = {**sizes, "C": len(t.adds_to)}
+        a_shape, b_shape = (tuple(size[c] for c in "L" + letters) for letters in (t.a, t.b))
+        out[name] = {"a": ParamSpec(a_shape, a_axes, "he_uniform", math.prod(a_shape[1:-1])),
+                     "b": ParamSpec(b_shape, b_axes, "zeros")}
+    return out
 
 
 def _is_spec(x):
@@ -160,54 +227,23 @@ def softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-# LoRA deltas: name -> (einsum from the projection's input to rank R, einsum from R to its output).
-# "kv" is Tunix's fused key/value adapter: one A shared by k and v, B [R,2,K,H].
-LORA_EINSUMS = {
-    "q": ("BTD,DR->BTR", "BTR,RNH->BTNH"),
-    "k": ("BTD,DR->BTR", "BTR,RKH->BTKH"),
-    "v": ("BTD,DR->BTR", "BTR,RKH->BTKH"),
-    "kv": ("BTD,DR->BTR", "BTR,RCKH->CBTKH"),
-    "o": ("BTNH,NHR->BTR", "BTR,RD->BTD"),
-    "gate": ("BTD,DR->BTR", "BTR,RF->BTF"),
-    "up": ("BTD,DR->BTR", "BTR,RF->BTF"),
-    "down": ("BTF,FR->BTR", "BTR,RD->BTD"),
-}
-
-
-def lora_weight_shapes(cfg: GemmaConfig, rank: int, targets) -> dict:
-    """name -> (A shape, B shape) per layer (no L axis), read off LORA_EINSUMS so the two never disagree."""
-    sizes = {"D": cfg.embed_dim, "F": cfg.hidden_dim, "N": cfg.num_heads, "K": cfg.num_kv_heads,
-             "H": cfg.head_dim, "R": rank, "C": 2}
-    out = {}
-    for name in targets:
-        if name not in LORA_EINSUMS:
-            raise ValueError(f"unknown LoRA target {name!r}; choose from {sorted(LORA_EINSUMS)}")
-        to_rank, from_rank = LORA_EINSUMS[name]
-        a_letters, b_letters = (eq.split(",")[1].split("->")[0] for eq in (to_rank, from_rank))
-        out[name] = (tuple(sizes[c] for c in a_letters), tuple(sizes[c] for c in b_letters))
-    return out
-
-
 def lora_delta(name, x, lora_layer, scale):
-    """(x A B) * scale for the adapter `name` of one layer, or None when that projection has no adapter.
+    """(x A B) * scale for the adapter `name` of one layer (LORA_TARGETS), or None when that projection has none.
 
-    Written as two 2-D matmuls over the flattened tokens ([M, in] @ [in, R] @ [R, out], then reshaped to the
-    LORA_EINSUMS output): the same products as those einsums, but their gradients are plain transposed matmuls.
-    With the einsums, XLA's CPU backend contracted the batch and time axes of dA and dB through transposed copies
-    of the [B, T, F] activation gradient: an MLP block's backward took 176 ms with LoRA on gate/up/down against
-    74 ms in this form (52 ms without LoRA; B 4 x T 256, D 512, F 2048, rank 16)."""
+    x [..., in] with A's input letters last; the result is [..., out] with B's output letters, and the fused kv
+    adapter's C axis moved first (delta[0] for k, delta[1] for v). Written as two 2-D matmuls over the flattened
+    tokens ([M, in] @ [in, R] @ [R, out]) rather than einsums, so the gradients are plain transposed matmuls
+    (measurements: docs/performance.md, 'LoRA matmuls')."""
     if lora_layer is None or name not in lora_layer:
         return None
-    to_rank, from_rank = LORA_EINSUMS[name]
+    t = lora_target(name)
     a, b = lora_layer[name]["a"], lora_layer[name]["b"]
-    rank, n_in = a.shape[-1], a.ndim - 1
+    rank, n_in = a.shape[-1], len(t.a) - 1
     lead = x.shape[:x.ndim - n_in]
     h = x.reshape(-1, math.prod(a.shape[:-1])) @ a.reshape(-1, rank).astype(x.dtype)
     out = (h @ b.reshape(rank, -1).astype(x.dtype)) * scale
     out = out.reshape(*lead, *b.shape[1:]).astype(x.dtype)
-    have = to_rank.split(",")[0][:len(lead)] + from_rank.split(",")[1].split("->")[0][1:]
-    want = from_rank.split("->")[1]
-    return out if have == want else jnp.transpose(out, [have.index(c) for c in want])
+    return jnp.moveaxis(out, len(lead) + t.b.index("C") - 1, 0) if "C" in t.b else out
 
 
 def _project(name, eq, x, w, lora_layer, scale):
@@ -229,22 +265,13 @@ def attention_masks(cfg, q_pos_BT, k_pos_BS, k_valid_BS, q_slot_T, k_slot_S, q_s
 
 
 def _scores(q_BTKGH, k_BSKH):
-    """q . k for every query and key [B,K,G,T,S], float32. One query (decoding) is a matrix-vector product per
-    (row, head): a fused multiply-reduce reads the cache once in its [B,S,K,H] layout, where a dot_general would
-    first transpose the cache to [B,K,S,H] (a full copy per layer per step)."""
+    """q . k for every query and key [B,K,G,T,S], float32. (One-token decoding has its own layout in decode.py.)"""
     k_BSKH = k_BSKH.astype(q_BTKGH.dtype)
-    if q_BTKGH.shape[1] == 1:
-        prod_BSKGH = q_BTKGH[:, 0][:, None].astype(jnp.float32) * k_BSKH[:, :, :, None, :].astype(jnp.float32)
-        return jnp.sum(prod_BSKGH, axis=-1).transpose(0, 2, 3, 1)[:, :, :, None, :]
     return jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
 
 
 def _weighted_values(p_BKGTS, v_BSKH):
-    """sum_S p v -> [B,T,K,G,H]; the one-query case as a fused multiply-reduce, as in `_scores`."""
-    if p_BKGTS.shape[3] == 1:
-        p_BSKG = p_BKGTS[:, :, :, 0].transpose(0, 3, 1, 2)
-        o_BKGH = jnp.sum(p_BSKG[..., None] * v_BSKH[:, :, :, None, :], axis=1, dtype=jnp.float32)
-        return o_BKGH[:, None].astype(v_BSKH.dtype)
+    """sum_S p v -> [B,T,K,G,H]."""
     return jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
 
 
@@ -277,8 +304,8 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, mask_BT
 
     Without a cache the T tokens attend to each other under mask_BTS [B,T,T]. With a cache the queries attend to
     the cached slots under mask_BTS [B,T,S] and to the T new keys under mask_new_BTT, in one softmax over both;
-    the caller writes the new keys/values into the cache once, after all layers. (Writing them into the cache
-    here, inside the layer scan, made XLA copy the whole cache every layer: ~3x slower decoding.)
+    the caller writes the new keys/values into the cache once, after all layers: written here, inside the layer
+    scan, XLA copies the whole cache every layer (measurements: docs/performance.md, 'KV cache writes').
     """
     B, T, _ = x_BTD.shape
     q_BTKGH, k_BTKH, v_BTKH = _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local)
@@ -397,10 +424,9 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
         layer = jax.checkpoint(layer, prevent_cse=not cfg.scan_layers)
     elif cfg.scan_layers:
         # Under differentiation the scan stacks every residual of every layer into [L, ...] buffers, which XLA's
-        # CPU backend zero-fills and copies (six [L,B,T,F] and three [L,B,K,G,T,S] of them per step at MID).
-        # Saving only the weight matmuls' outputs and recomputing the elementwise work and the attention
-        # products in the backward pass is faster (MID SFT step 1.46 -> 1.15 s) and keeps less memory.
-        # No effect without differentiation.
+        # CPU backend zero-fills and copies. Saving only the weight matmuls' outputs and recomputing the
+        # elementwise work and the attention products in the backward pass is faster and keeps less memory
+        # (measurements: docs/performance.md, 'Layer scan residuals'). No effect without differentiation.
         layer = jax.checkpoint(layer, prevent_cse=False,
                                policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     xs = (params["layers"], lora_layers, is_local_L, None if cache is None else cache["k"],

@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import param_axes, param_specs
+from gemma_jax.model import lora_axes, param_axes, param_specs
 
 MESH_AXES = ("data", "fsdp", "tp")
 
@@ -57,18 +57,6 @@ RULES = {
     "pair": None,  # the (k, v) axis of the fused kv adapter
     "seq": None,
     "cache_seq": None,
-}
-
-# Logical axes of each LoRA adapter (lora/adapters.py shapes, with the leading L axis).
-LORA_AXES = {
-    "q": (("layers", "embed", "rank"), ("layers", "rank", "heads", "head_dim")),
-    "k": (("layers", "embed", "rank"), ("layers", "rank", "kv_heads", "head_dim")),
-    "v": (("layers", "embed", "rank"), ("layers", "rank", "kv_heads", "head_dim")),
-    "kv": (("layers", "embed", "rank"), ("layers", "rank", "pair", "kv_heads", "head_dim")),
-    "o": (("layers", "heads", "head_dim", "rank"), ("layers", "rank", "embed")),
-    "gate": (("layers", "embed", "rank"), ("layers", "rank", "mlp")),
-    "up": (("layers", "embed", "rank"), ("layers", "rank", "mlp")),
-    "down": (("layers", "mlp", "rank"), ("layers", "rank", "embed")),
 }
 
 CACHE_AXES = {
@@ -182,12 +170,10 @@ def lora_shardings(lora, mesh: Mesh, rules=None):
     """Shardings of a `lora.LoRA` (a LoRA with NamedShardings as leaves; works on abstract adapters too).
 
     A follows the input dimension of the weight it adapts (e.g. embed -> fsdp), B the output (heads/mlp -> tp),
-    the rank axis is replicated."""
+    the rank axis is replicated (logical axes from gemma_jax.model.lora_axes; an unknown adapter name raises)."""
     layers = {}
     for name, ab in lora.layers.items():
-        if name not in LORA_AXES:
-            raise ValueError(f"LoRA adapter {name!r} has no sharding axes; known: {sorted(LORA_AXES)}")
-        a_axes, b_axes = LORA_AXES[name]
+        a_axes, b_axes = lora_axes(name)
         layers[name] = {"a": named_sharding(a_axes, ab["a"].shape, mesh, rules),
                         "b": named_sharding(b_axes, ab["b"].shape, mesh, rules)}
     return type(lora)(layers=layers, scale=lora.scale)

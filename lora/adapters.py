@@ -1,9 +1,11 @@
-"""LoRA adapters: y = x W + (x A B) * (alpha / rank), A He-uniform, B zeros (REFERENCE.md §3).
+"""LoRA adapters: y = x W + (x A B) * (alpha / rank), B zeros so a fresh adapter is the base model (Hu et al.
+2021, "LoRA", arXiv:2106.09685); A He-uniform, the default of qwix's LoraProvider (qwix/_src/providers/lora.py),
+through which Tunix applies LoRA.
 
 The adapters are a pytree of their own, separate from the frozen base params, so `jax.grad` with respect to
 them never touches the base. `scale` is static pytree metadata (not a trainable leaf).
 
-Per-layer shapes (each with a leading L axis), named after the projections in gemma_jax/model.py:
+Shapes, axes and init come from gemma_jax.model.lora_specs (the LORA_TARGETS table; per layer, L axis first):
     q: A [D,R], B [R,N,H]; k, v: A [D,R], B [R,K,H]; kv (Tunix's fused adapter): A [D,R], B [R,2,K,H];
     o: A [N,H,R], B [R,D]; gate, up: A [D,R], B [R,F]; down: A [F,R], B [R,D].
 """
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import LORA_EINSUMS, lora_weight_shapes
+from gemma_jax.model import lora_specs, lora_target
 
 # The projections the Tunix Gemma examples adapt: q_einsum, kv_einsum, gate_proj, up_proj, down_proj.
 DEFAULT_TARGETS = ("q", "kv", "gate", "up", "down")
@@ -29,23 +31,28 @@ class LoRA:
 
 
 def lora_shapes(cfg: GemmaConfig, rank: int, targets=DEFAULT_TARGETS) -> dict:
-    """name -> (A shape, B shape), without the leading L axis."""
-    if "kv" in targets and ("k" in targets or "v" in targets):
-        raise ValueError("LoRA targets: use either the fused 'kv' adapter or separate 'k'/'v', not both")
-    return lora_weight_shapes(cfg, rank, targets)
+    """name -> (A shape, B shape), without the leading L axis (from gemma_jax.model.lora_specs)."""
+    return {n: (ab["a"].shape[1:], ab["b"].shape[1:]) for n, ab in lora_specs(cfg, rank, targets).items()}
+
+
+def _init(spec, key, dtype):
+    """One adapter tensor from its ParamSpec: "he_uniform" (bound sqrt(6 / fan_in), drawn in float32) or "zeros"."""
+    if spec.init == "zeros":
+        return jnp.zeros(spec.shape, dtype)
+    if spec.init != "he_uniform":
+        raise ValueError(f"LoRA init {spec.init!r} is not supported (expected 'he_uniform' or 'zeros')")
+    bound = math.sqrt(6.0 / spec.fan_in)
+    return jax.random.uniform(key, spec.shape, jnp.float32, -bound, bound).astype(dtype)
 
 
 def init_lora(cfg: GemmaConfig, rank: int, alpha: float, targets=DEFAULT_TARGETS, seed: int = 0,
               dtype=jnp.float32) -> LoRA:
-    """Fresh adapters: A He-uniform (bound sqrt(6 / fan_in)), B zeros, so the adapted model equals the base."""
-    shapes = lora_shapes(cfg, rank, targets)
-    keys = jax.random.split(jax.random.key(seed), len(shapes))
-    layers = {}
-    for key, (name, (a_shape, b_shape)) in zip(keys, shapes.items()):
-        fan_in = math.prod(a_shape[:-1])
-        bound = math.sqrt(6.0 / fan_in)
-        a = jax.random.uniform(key, (cfg.num_layers, *a_shape), jnp.float32, -bound, bound).astype(dtype)
-        layers[name] = {"a": a, "b": jnp.zeros((cfg.num_layers, *b_shape), dtype)}
+    """Fresh adapters: A He-uniform (bound sqrt(6 / fan_in)), B zeros, so the adapted model equals the base.
+    One key per adapter, in the order of `targets`, drawn by its A (B takes none)."""
+    specs = lora_specs(cfg, rank, targets)
+    keys = jax.random.split(jax.random.key(seed), len(specs))
+    layers = {name: {"a": _init(ab["a"], key, dtype), "b": _init(ab["b"], None, dtype)}
+              for key, (name, ab) in zip(keys, specs.items())}
     return LoRA(layers=layers, scale=float(alpha) / rank)
 
 
@@ -70,30 +77,20 @@ def concat_lora(first: LoRA, second: LoRA) -> LoRA:
     return LoRA(layers=layers, scale=first.scale)
 
 
-# How each adapter's A @ B product maps onto the base weight it adapts (per layer, no L axis).
-_MERGE = {
-    "q": ("DR,RNH->DNH", "q"),
-    "k": ("DR,RKH->DKH", "k"),
-    "v": ("DR,RKH->DKH", "v"),
-    "o": ("NHR,RD->NHD", "o"),
-    "gate": ("DR,RF->DF", "gate"),
-    "up": ("DR,RF->DF", "up"),
-    "down": ("FR,RD->FD", "down"),
-}
-assert set(_MERGE) | {"kv"} == set(LORA_EINSUMS)
-
-
 def merge(params: dict, lora: LoRA) -> dict:
-    """Plain params with W' = W + scale * A B folded in (computed in float32, cast back to W's dtype)."""
+    """Plain params with W' = W + scale * A B folded in (computed in float32, cast back to W's dtype).
+
+    The einsum contracts R per layer: A's letters and B's letters (gemma_jax.model.LORA_TARGETS) -> the base
+    weight's letters, e.g. q: LDR,LRNH->LDNH. The fused kv adapter's C axis goes first: slice c is added to
+    adds_to[c] (k, then v)."""
     layers = dict(params["layers"])
     for name, ab in lora.layers.items():
+        t = lora_target(name)
         a, b = ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32)
-        if name == "kv":
-            delta = lora.scale * jnp.einsum("LDR,LRCKH->CLDKH", a, b)
-            for c, target in enumerate(("k", "v")):
-                layers[target] = (layers[target].astype(jnp.float32) + delta[c]).astype(layers[target].dtype)
-            continue
-        eq, target = _MERGE[name]
-        delta = lora.scale * jnp.einsum("L" + eq.replace(",", ",L").replace("->", "->L"), a, b)
-        layers[target] = (layers[target].astype(jnp.float32) + delta).astype(layers[target].dtype)
+        w_letters = "L" + (t.a[:-1] + t.b[1:]).replace("C", "")
+        out_letters = ("C" if "C" in t.b else "") + w_letters
+        delta = lora.scale * jnp.einsum(f"L{t.a},L{t.b}->{out_letters}", a, b)
+        deltas = delta if "C" in t.b else delta[None]
+        for target, d in zip(t.adds_to, deltas):
+            layers[target] = (layers[target].astype(jnp.float32) + d).astype(layers[target].dtype)
     return {**params, "layers": layers}

@@ -21,11 +21,12 @@ from safetensors.numpy import save_file
 
 from gemma_jax.checkpoint import save_hf
 from gemma_jax.config import GemmaConfig
+from gemma_jax.model import lora_target
 from gemma_jax.sharding import to_host
 from lora.adapters import LoRA, merge
 from lora.io import check_lora_fits
 
-# our target -> the Hugging Face module it adapts, inside model.layers.{i}.
+# base weight (gemma_jax.model.LORA_TARGETS adds_to) -> the Hugging Face module it is, inside model.layers.{i}.
 _PEFT_MODULES = {
     "q": "self_attn.q_proj",
     "k": "self_attn.k_proj",
@@ -47,15 +48,14 @@ def export_merged_hf(path, cfg: GemmaConfig, params: dict, lora: LoRA | None) ->
 
 
 def _peft_pairs(name, a_LX, b_LX):
-    """[(hf module, lora_A [L,R,in], lora_B [L,out,R])] for one of our adapters (float32 numpy, L axis first)."""
+    """[(hf module, lora_A [L,R,in], lora_B [L,out,R])] for one of our adapters (float32 numpy, L axis first):
+    one pair per base weight it adds to (gemma_jax.model.LORA_TARGETS), the fused kv adapter's B split along C."""
+    t = lora_target(name)
     L, R = a_LX.shape[0], a_LX.shape[-1]
-    if name == "kv":
-        a_LRD = np.swapaxes(a_LX, 1, 2)
-        return [(_PEFT_MODULES[t], a_LRD.copy(), np.swapaxes(b_LX[:, :, c].reshape(L, R, -1), 1, 2))
-                for c, t in enumerate(("k", "v"))]
     a_LRI = np.swapaxes(a_LX.reshape(L, -1, R), 1, 2)  # o: A [L,N,H,R] -> [L, N*H, R] -> [L, R, N*H]
-    b_LOR = np.swapaxes(b_LX.reshape(L, R, -1), 1, 2)  # q: B [L,R,N,H] -> [L,R,N*H] -> [L, N*H, R]
-    return [(_PEFT_MODULES[name], a_LRI, b_LOR)]
+    b_parts = [b_LX] if "C" not in t.b else [np.take(b_LX, c, axis=1 + t.b.index("C")) for c in range(len(t.adds_to))]
+    # q: B [L,R,N,H] -> [L,R,N*H] -> [L, N*H, R]
+    return [(_PEFT_MODULES[w], a_LRI, np.swapaxes(b.reshape(L, R, -1), 1, 2)) for w, b in zip(t.adds_to, b_parts)]
 
 
 def peft_tensors(lora: LoRA) -> dict:
@@ -64,7 +64,7 @@ def peft_tensors(lora: LoRA) -> dict:
     host = to_host(lora.layers)
     out = {}
     for name, ab in host.items():
-        if name not in _PEFT_MODULES and name != "kv":
+        if not all(w in _PEFT_MODULES for w in lora_target(name).adds_to):
             raise ValueError(f"LoRA target {name!r} has no Hugging Face module to export to")
         a, b = np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)
         for module, a_LRI, b_LOR in _peft_pairs(name, a, b):
@@ -86,7 +86,7 @@ def export_peft(path, cfg: GemmaConfig, lora: LoRA, *, base_model_name_or_path: 
     if jax.process_index() != 0:
         return
     alpha = lora.scale * rank
-    hf_targets = [t for n in lora.layers for t in (("k", "v") if n == "kv" else (n,))]
+    hf_targets = [w for n in lora.layers for w in lora_target(n).adds_to]
     modules = sorted({_PEFT_MODULES[t].split(".")[-1] for t in hf_targets})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,

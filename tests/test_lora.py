@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gemma_jax.config import TINY, config_to_hf
-from gemma_jax.model import ParamSpec, forward, init_params, param_specs
+from gemma_jax.model import LORA_TARGETS, ParamSpec, forward, init_params, lora_specs, param_specs
 from lora import DEFAULT_TARGETS, LoRA, count_trainable, init_lora, lora_shapes, merge
 from lora.export import export_merged_hf, export_peft
 from lora.io import load_adapters, read_adapter_meta, save_adapters
@@ -67,6 +67,38 @@ def test_fresh_adapter_changes_nothing_and_merge_matches(base):
     adapted = np.asarray(fwd(params, tokens, lora))
     assert _max_diff(adapted, plain) > 0.1  # the adapters really change the model
     assert _max_diff(np.asarray(fwd(merge(params, lora), tokens, None)), adapted) <= 1e-5
+
+
+def test_lora_specs_match_the_base_weights_they_adapt():
+    """Every target's A @ B (R contracted) has exactly the shape and logical axes of the base weight(s) it adds to
+    (param_specs), with kv's C axis giving one slice per base weight; A He-uniform over its input, B zeros."""
+    cfg = dataclasses.replace(TINY, num_layers=3)
+    rank = 5
+    sizes = (cfg.num_layers, cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rank)
+    assert len(set(sizes)) == len(sizes)  # all distinct, so a misplaced letter changes a shape
+    base = param_specs(cfg)["layers"]
+    product = jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1))  # per layer: A's last axis (R) with B's first
+    for name, target in LORA_TARGETS.items():
+        spec = lora_specs(cfg, rank, [name])[name]
+        a, b = spec["a"], spec["b"]
+        assert a.axes[-1] == b.axes[1] == "rank" and a.shape[-1] == b.shape[1] == rank
+        shape = jax.eval_shape(product, jax.ShapeDtypeStruct(a.shape, jnp.float32),
+                               jax.ShapeDtypeStruct(b.shape, jnp.float32)).shape
+        axes = a.axes[:-1] + b.axes[2:]
+        assert len(axes) == len(shape)
+        if "pair" in axes:
+            c = axes.index("pair")
+            assert shape[c] == len(target.adds_to) == 2
+            shape, axes = shape[:c] + shape[c + 1:], axes[:c] + axes[c + 1:]
+        else:
+            assert len(target.adds_to) == 1
+        for w in target.adds_to:
+            assert (shape, axes) == (base[w].shape, base[w].axes), (name, w)
+        assert (a.init, a.fan_in, b.init) == ("he_uniform", math.prod(a.shape[1:-1]), "zeros")
+    with pytest.raises(ValueError, match="both adapt 'k'"):
+        lora_specs(cfg, rank, ["kv", "k"])
+    with pytest.raises(ValueError, match="unknown LoRA target 'qkv'"):
+        lora_specs(cfg, rank, ["q", "qkv"])
 
 
 def test_count_trainable():

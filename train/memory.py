@@ -3,7 +3,7 @@
 `estimate_bytes` counts, for one device of a ("data", "fsdp", "tp") mesh laid out by gemma_jax/sharding.py's
 rules (with its divisibility fallback, so the sharded sizes are exact):
     base_params   every weight of gemma_jax.model.param_specs in `param_dtype` (frozen: no grads, no moments)
-    lora_params   A and B of each adapter (shapes from gemma_jax.model.LORA_EINSUMS) in `lora_dtype`
+    lora_params   A and B of each adapter (gemma_jax.model.lora_specs) in `lora_dtype`
     grads         one gradient per LoRA parameter, same dtype
     optimizer     AdamW: float32 first and second moments per LoRA parameter + an int32 step count; SGD: 0
     activations   what the backward pass of a LoRA step keeps alive at its peak (below)
@@ -39,8 +39,8 @@ import types
 import numpy as np
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import lora_weight_shapes, param_specs
-from gemma_jax.sharding import CACHE_AXES, LORA_AXES, MESH_AXES, logical_to_spec
+from gemma_jax.model import lora_specs, param_specs
+from gemma_jax.sharding import CACHE_AXES, MESH_AXES, logical_to_spec
 
 # How many tensors of each kind the backward pass keeps, read off XLA's buffer assignment of a float32 LoRA step
 # on one CPU device (tests/test_memory.py checks the total against memory_analysis()).
@@ -66,12 +66,6 @@ def shard_bytes(shape, axes, dtype, mesh_shape: dict) -> int:
         names = () if names is None else (names if isinstance(names, tuple) else (names,))
         local *= size // math.prod(mesh.shape[n] for n in names)
     return local * np.dtype(dtype).itemsize
-
-
-def lora_param_shapes(cfg: GemmaConfig, rank: int, targets) -> dict:
-    """name -> (A shape, B shape) with the leading L axis (gemma_jax.model.lora_weight_shapes)."""
-    L = cfg.num_layers
-    return {n: ((L, *a), (L, *b)) for n, (a, b) in lora_weight_shapes(cfg, rank, targets).items()}
 
 
 def _split(n: int, parts: int) -> int:
@@ -124,11 +118,8 @@ def estimate_bytes(cfg: GemmaConfig, *, param_dtype="bfloat16", lora_rank: int, 
     specs = param_specs(cfg)
     flat = {**{k: v for k, v in specs.items() if k != "layers"}, **specs["layers"]}
     base = sum(shard_bytes(s.shape, s.axes, param_dtype, mesh_shape) for s in flat.values())
-    lora = 0
-    for name, (a_shape, b_shape) in lora_param_shapes(cfg, lora_rank, lora_targets).items():
-        a_axes, b_axes = LORA_AXES[name]
-        lora += shard_bytes(a_shape, a_axes, lora_dtype, mesh_shape) + shard_bytes(b_shape, b_axes, lora_dtype,
-                                                                                      mesh_shape)
+    lora = sum(shard_bytes(s.shape, s.axes, lora_dtype, mesh_shape)
+               for ab in lora_specs(cfg, lora_rank, lora_targets).values() for s in ab.values())
     lora_f32 = lora * 4 // np.dtype(lora_dtype).itemsize
     opt = 2 * lora_f32 + 4 if optimizer == "adamw" else 0
     act = {r: activation_bytes(cfg, dtype=param_dtype, batch=batch, seq_len=seq_len, mesh_shape=mesh_shape,
