@@ -426,7 +426,7 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
         # Under differentiation the scan stacks every residual of every layer into [L, ...] buffers, which XLA's
         # CPU backend zero-fills and copies. Saving only the weight matmuls' outputs and recomputing the
         # elementwise work and the attention products in the backward pass is faster and keeps less memory
-        # (measurements: docs/performance.md, 'Layer scan residuals'). No effect without differentiation.
+        # (measurements: docs/performance.md, 'Layer scan checkpointing'). No effect without differentiation.
         layer = jax.checkpoint(layer, prevent_cse=False,
                                policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     xs = (params["layers"], lora_layers, is_local_L, None if cache is None else cache["k"],
