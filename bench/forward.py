@@ -1,11 +1,13 @@
 """Forward-pass benchmark: ours vs Tunix's Gemma on the same weights, same run.
 
-Rows: prefill tokens/s (B x T full forward) and one decode step with a KV cache, on TINY and MID; with --full, the
-full-size GEMMA2_2B float32 forward of 1 x 64 tokens (time, compile time, peak RSS), each model in its own process
-so peak RSS is its own.
+Rows: prefill tokens/s (B x T full forward) and one decode step with a KV cache, on TINY and MID (bench/configs.py;
+Gemma 2 or, with --model gemma3, Gemma 3 against Tunix's tunix.models.gemma3); with --full, the full-size GEMMA2_2B
+float32 forward of 1 x 64 tokens (time, compile time, peak RSS), each model in its own process so peak RSS is its
+own. Before timing, each row checks that both models give the same prefill and decode-step logits (within 1e-4).
 
-    python bench/forward.py            # TINY and MID rows (~1 minute)
-    python bench/forward.py --full     # adds the 2B rows (~12 GB RAM per process, several minutes)
+    python bench/forward.py                   # TINY and MID rows (~1 minute)
+    python bench/forward.py --model gemma3    # TINY_GEMMA3 and MID_GEMMA3 rows
+    python bench/forward.py --full            # adds the 2B rows (~12 GB RAM per process, several minutes)
 """
 
 import argparse
@@ -22,6 +24,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.p
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from configs import MODELS, bench_configs, to_tunix_model  # noqa: E402
 
 import gemma_jax as g  # noqa: E402
 from gemma_jax.model import forward, init_cache, init_params  # noqa: E402
@@ -41,22 +44,26 @@ def timeit(fn, repeats):
 
 
 def ours_fns(cfg, params, B, T, S):
+    """(prefill fn, decode-step fn, (prefill logits, decode-step logits), first prefill call s) of our model."""
     tokens = jnp.asarray(np.random.RandomState(0).randint(4, cfg.vocab_size, (B, T)))
     prefill = jax.jit(lambda p, t: forward(p, t, cfg)[0])
     step = jax.jit(lambda p, t, c: forward(p, t, cfg, cache=c))
-    cache = init_cache(cfg, B, S)
-    _, cache = jax.jit(lambda p, t, c: forward(p, t, cfg, cache=c))(params, tokens, cache)
-    one = tokens[:, :1]
+    _, cache = jax.jit(lambda p, t, c: forward(p, t, cfg, cache=c))(params, tokens, init_cache(cfg, B, S))
+    one = tokens[:, :1]  # the token after the prompt, at position T
+    t0 = time.perf_counter()
+    logits = prefill(params, tokens).block_until_ready()
+    first = time.perf_counter() - t0  # the first prefill call: compile + one run
     return (lambda: prefill(params, tokens).block_until_ready(),
-            lambda: step(params, one, cache)[0].block_until_ready())
+            lambda: step(params, one, cache)[0].block_until_ready(), (logits, step(params, one, cache)[0]), first)
 
 
 def tunix_fns(cfg, params, B, T, S):
+    """The same for Tunix's Gemma (Gemma 2 configs) or Gemma 3, its cache prefilled with the same prompt."""
     from flax import nnx
+    from tunix.generate import sampler as tunix_sampler
     from tunix.rl import common
-    from tunix_utils import to_tunix
 
-    model = to_tunix(params, cfg) if params is not None else None
+    model = to_tunix_model(params, cfg)
     graphdef, state = nnx.split(model)
     tokens = jnp.asarray(np.random.RandomState(0).randint(4, cfg.vocab_size, (B, T)))
     mask = jnp.ones((B, T), bool)
@@ -71,27 +78,44 @@ def tunix_fns(cfg, params, B, T, S):
     def step(state, tok, pos, cache, attn_1):
         return nnx.merge(graphdef, state)(tok, pos, cache, attn_1)
 
-    cache = model.init_cache(B, S, jnp.float32)
-    cache = {k: {**v, "end_index": v["end_index"] + T} for k, v in cache.items()}
+    # Tunix's Gemma 3 has no init_cache method: its Sampler then builds the cache with this same function.
+    cache = tunix_sampler._init_cache(cfg.num_layers, S, B, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+    _, cache = step(state, tokens, positions, cache, jnp.pad(attn, ((0, 0), (0, 0), (0, S - T))))
     pos1 = jnp.full((B, 1), T, jnp.int32)
     attn_1 = (jnp.arange(S) <= T)[None, None, :].repeat(B, 0)
     one = tokens[:, :1]
+    t0 = time.perf_counter()
+    logits = prefill(state, tokens).block_until_ready()
+    first = time.perf_counter() - t0
     return (lambda: prefill(state, tokens).block_until_ready(),
-            lambda: step(state, one, pos1, cache, attn_1)[0].block_until_ready())
+            lambda: step(state, one, pos1, cache, attn_1)[0].block_until_ready(),
+            (logits, step(state, one, pos1, cache, attn_1)[0]), first)
 
 
-def small_rows(repeats):
+def check_same(name, ours, theirs, tol=1e-4):
+    """Both models must give the same prefill and decode-step logits before their times are compared."""
+    for what, a, b in zip(("prefill", "decode step"), ours, theirs):
+        diff = float(jnp.abs(a - b).max())
+        if not diff <= tol:
+            raise AssertionError(f"{name} {what} logits differ from Tunix's by {diff:.2e} > {tol}")
+
+
+def small_rows(model, sizes, repeats):
     rows = []
-    for name, cfg, B, T in [("TINY", g.TINY, 4, 128), ("MID", g.MID, 4, 128)]:
-        # Tunix hard-codes head_dim**-0.5 for the query scale: give both models the same config.
-        cfg = dataclasses.replace(cfg, query_pre_attn_scalar=cfg.head_dim)
+    for size, (name, cfg) in bench_configs(model).items():
+        if size not in sizes:
+            continue
+        B, T = 4, 128
         params = init_params(cfg, 0)
         S = T + 16
-        ours = [timeit(f, repeats) for f in ours_fns(cfg, params, B, T, S)]
-        theirs = [timeit(f, repeats) for f in tunix_fns(cfg, params, B, T, S)]
-        rows.append((name, f"prefill {B}x{T} tok/s", B * T / ours[0][0], B * T / theirs[0][0], True))
-        rows.append((name, f"decode step B={B} ms", 1e3 * ours[1][0], 1e3 * theirs[1][0], False))
-        rows.append((name, "prefill compile s", ours[0][1], theirs[0][1], False))
+        *ours, ours_out, ours_first = ours_fns(cfg, params, B, T, S)
+        *theirs, theirs_out, theirs_first = tunix_fns(cfg, params, B, T, S)
+        check_same(name, ours_out, theirs_out)
+        ours = [timeit(f, repeats)[0] for f in ours]
+        theirs = [timeit(f, repeats)[0] for f in theirs]
+        rows.append((name, f"prefill {B}x{T} tok/s", B * T / ours[0], B * T / theirs[0], True))
+        rows.append((name, f"decode step B={B} ms", 1e3 * ours[1], 1e3 * theirs[1], False))
+        rows.append((name, "prefill compile s", ours_first, theirs_first, False))
     return rows
 
 
@@ -139,16 +163,20 @@ def full_rows():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="also run the full-size GEMMA2_2B rows")
+    ap.add_argument("--model", choices=MODELS, default="gemma2")
+    ap.add_argument("--sizes", nargs="+", choices=["TINY", "MID"], default=["TINY", "MID"])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--full-worker", choices=["ours", "tunix"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.full_worker:
         return full_worker(args.full_worker)
-    rows = small_rows(args.repeats) + (full_rows() if args.full else [])
-    print(f"{'model':<10} {'metric':<24} {'ours':>12} {'tunix':>12} {'speed-up':>9}")
+    if args.full and args.model != "gemma2":
+        ap.error("--full runs GEMMA2_2B only")
+    rows = small_rows(args.model, args.sizes, args.repeats) + (full_rows() if args.full else [])
+    print(f"{'model':<11} {'metric':<24} {'ours':>12} {'tunix':>12} {'speed-up':>9}")
     for model, metric, ours, theirs, higher_better in rows:
         ratio = ours / theirs if higher_better else theirs / ours
-        print(f"{model:<10} {metric:<24} {ours:>12.3f} {theirs:>12.3f} {ratio:>8.2f}x")
+        print(f"{model:<11} {metric:<24} {ours:>12.3f} {theirs:>12.3f} {ratio:>8.2f}x")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ rank 8 on q, kv, gate, up, down (ours: lora/; Tunix: qwix on the same einsums), 
 temperature, a toy reward, beta 0.08, AdamW. Tunix's step is timed through its own pieces:
 `GRPOLearner._generate_and_compute_advantage` (sampling + ref log-probs + rewards + advantages) and
 `RLCluster.update_actor` (the update); ours through `grpo.rollout.rollout` and `grpo.learner.train_step`.
-Each side is warmed up (compiled) with one step first, then the median of --repeats steps is reported.
+Each side is warmed up (compiled) with one step first, then the median of --repeats steps is reported. With
+--model gemma3 both sides run TINY_GEMMA3 (bench/configs.py; Tunix: tunix.models.gemma3). Before timing, the Tunix
+actor (LoRA applied, B = 0) and reference must give our logits on the prompts within 1e-4: sampled completions
+differ by RNG, so the check is on the models, not on the steps' outputs.
 
-    python bench/grpo_step.py [--prompts 2] [--G 4] [--new-tokens 32] [--repeats 5]
+    python bench/grpo_step.py [--model gemma2|gemma3] [--prompts 2] [--G 4] [--new-tokens 32] [--repeats 5]
 """
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -22,17 +24,18 @@ import time
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "tests")]
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from configs import MODELS, bench_configs, to_tunix_model  # noqa: E402
+from tunix_utils import tunix_logits  # noqa: E402
 
-from gemma_jax.config import TINY  # noqa: E402
-from gemma_jax.model import init_params  # noqa: E402
+from gemma_jax.model import forward, init_params  # noqa: E402
 from gemma_jax.tokenizer import Tokenizer  # noqa: E402
 from grpo.learner import GRPOHParams, to_micro_batches, train_step  # noqa: E402
 from grpo.rollout import rollout  # noqa: E402
 from lora.adapters import init_lora  # noqa: E402
 from train.optim import adamw_init  # noqa: E402
 
-CFG = dataclasses.replace(TINY, query_pre_attn_scalar=TINY.head_dim)
 QUESTIONS = ["what is 3 plus 9?", "write a short story about a cat named Tom.", "what is 12 plus 36?",
              "the quick brown fox jumps over the lazy dog?"]
 
@@ -41,8 +44,8 @@ def toy_reward_values(texts):
     return np.array([float(t.count("e")) for t in texts])
 
 
-def ours_step_fn(params, tokenizer, hp, records):
-    lora = init_lora(CFG, 8, 16.0, targets=("q", "kv", "gate", "up", "down"), seed=0)
+def ours_step_fn(cfg, params, tokenizer, hp, records):
+    lora = init_lora(cfg, 8, 16.0, targets=("q", "kv", "gate", "up", "down"), seed=0)
     opt = adamw_init(lora)
 
     def reward_fn(texts, recs, *, prob_state, **kw):
@@ -53,11 +56,11 @@ def ours_step_fn(params, tokenizer, hp, records):
 
     def step():
         t0 = time.perf_counter()
-        ro, _, _, _ = rollout(params, CFG, state["lora"], records, tokenizer, hp=hp, reward_fn=reward_fn,
+        ro, _, _, _ = rollout(params, cfg, state["lora"], records, tokenizer, hp=hp, reward_fn=reward_fn,
                               seed=state["seed"])
         t1 = time.perf_counter()
         batch, norms = to_micro_batches(ro, hp.micro_batch)
-        state["lora"], state["opt"], m = train_step(state["lora"], state["opt"], params, batch, norms, cfg=CFG, hp=hp)
+        state["lora"], state["opt"], m = train_step(state["lora"], state["opt"], params, batch, norms, cfg=cfg, hp=hp)
         jax.block_until_ready(m["loss"])
         state["seed"] += 1
         return t1 - t0, time.perf_counter() - t1
@@ -65,19 +68,30 @@ def ours_step_fn(params, tokenizer, hp, records):
     return step
 
 
-def tunix_step_fn(params, tokenizer, hp, records):
+def check_same_logits(cfg, params, tunix_models, tokenizer, records):
+    """Each Tunix model must give our base model's logits on the (unpadded, one at a time) prompts within 1e-4."""
+    for r in records:
+        tokens = np.asarray([tokenizer.encode_chat(r["question"], r["system"])])
+        ours = np.asarray(forward(params, jnp.asarray(tokens), cfg)[0])
+        for name, model in tunix_models.items():
+            diff = float(np.abs(tunix_logits(model, tokens) - ours).max())
+            if not diff <= 1e-4:
+                raise AssertionError(f"Tunix {name} logits differ from ours by {diff:.2e} > 1e-4")
+
+
+def tunix_step_fn(cfg, params, tokenizer, hp, records):
     import optax
     import qwix
     from flax import nnx
     from tunix.rl import rl_cluster as rlc
     from tunix.rl.grpo import grpo_learner as gl
     from tunix.rl.rollout import base_rollout
-    from tunix_utils import to_tunix
 
-    base = to_tunix(params, CFG)
+    base = to_tunix_model(params, cfg)
     provider = qwix.LoraProvider(module_path=".*q_einsum|.*kv_einsum|.*gate_proj|.*up_proj|.*down_proj", rank=8,
                                  alpha=16.0)
-    actor = qwix.apply_lora_to_model(to_tunix(params, CFG), provider, rngs=nnx.Rngs(0), **base.get_model_input())
+    actor = qwix.apply_lora_to_model(to_tunix_model(params, cfg), provider, rngs=nnx.Rngs(0), **base.get_model_input())
+    check_same_logits(cfg, params, {"actor": actor, "reference": base}, tokenizer, records)
     auto = (jax.sharding.AxisType.Auto,) * 2  # Explicit axes (jax 0.10's default) break Tunix's embedding gather
     mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=auto, devices=jax.devices()[:1])
     cluster = rlc.RLCluster(
@@ -127,6 +141,7 @@ def measure(step, repeats):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="gemma2")
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--G", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -139,15 +154,16 @@ def main(argv=None):
 
         tok_path = train_test_tokenizer(tempfile.mkdtemp(prefix="grpo_bench_tok_"))
     tokenizer = Tokenizer(tok_path)
-    params = init_params(CFG, seed=0)
+    name, cfg = bench_configs(args.model)["TINY"]
+    params = init_params(cfg, seed=0)
     records = [{"question": QUESTIONS[i % len(QUESTIONS)], "answer": "1", "domain": "general", "system": "Be brief."}
                for i in range(args.prompts)]
     hp = GRPOHParams(group_size=args.G, prompts_per_step=args.prompts, micro_batch=args.prompts * args.G,
                      max_prompt_tokens=32, max_new_tokens=args.new_tokens, temperature=0.6, top_k=50, top_p=1.0,
                      lr=1e-6, beta=0.08, clip=0.0, weight_decay=0.0)
-    rows = {"ours": measure(ours_step_fn(params, tokenizer, hp, records), args.repeats),
-            "tunix": measure(tunix_step_fn(params, tokenizer, hp, records), args.repeats)}
-    print(f"GRPO step, {args.prompts} prompts x G={args.G}, {args.new_tokens} new tokens, LoRA r8, "
+    rows = {"ours": measure(ours_step_fn(cfg, params, tokenizer, hp, records), args.repeats),
+            "tunix": measure(tunix_step_fn(cfg, params, tokenizer, hp, records), args.repeats)}
+    print(f"GRPO step, {name}, {args.prompts} prompts x G={args.G}, {args.new_tokens} new tokens, LoRA r8, "
           f"{jax.devices()[0].platform}")
     print(f"{'':<8}{'step s':>10}{'sampling+rewards s':>20}{'update s':>10}{'first step s':>14}")
     for name, r in rows.items():

@@ -11,9 +11,14 @@ gate, up, down in every layer and the tied logits, chained layer to layer over t
 sampler uses; no attention over the cache, no norms, no sampling), and the ratio ceiling, Tunix's decode ms/step
 over that floor: no sampler that runs these matmuls through XLA's CPU kernels can beat Tunix by more.
 Greedy unless --sample (T 0.6, top-k 50, as in the GRPO recipe; Tunix needs top_p for that mode, so top_p=1.0
-there). Tunix hard-codes the query scale to head_dim**-0.5, so both models get query_pre_attn_scalar = head_dim.
+there). Configs from bench/configs.py: Gemma 2's TINY and MID with query_pre_attn_scalar = head_dim (Tunix's Gemma
+hard-codes that query scale) or, with --model gemma3, TINY_GEMMA3 and MID_GEMMA3 on Tunix's Gemma 3. Before timing,
+each row checks that both samplers give the same greedy tokens on its prompts: in greedy mode on the warm-up
+calls, with --sample on one greedy call of each made before the warm-up (so there the 1st-call columns come after
+the greedy path has compiled).
 
     python bench/sampler.py                 # default grid: TINY and MID, ~6 minutes on a 2-core CPU
+    python bench/sampler.py --model gemma3  # the same grid on TINY_GEMMA3 and MID_GEMMA3
     python bench/sampler.py --sweep         # B in {8,32} x N in {64,128,256} x P in {16,64,128}, TINY and MID
     python bench/sampler.py --sample        # the same rows with top-k sampling
     python bench/sampler.py --gpu           # GEMMA2_2B-shaped random bf16 weights, B 1 and 64: tok/s and the
@@ -30,6 +35,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.p
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from configs import MODELS, bench_configs, to_tunix_model  # noqa: E402
 from tunix_utils import IdTokenizer  # noqa: E402
 
 import gemma_jax as g  # noqa: E402
@@ -40,15 +46,17 @@ from gemma_jax.sampler import generate  # noqa: E402
 NEVER = 10**9  # a stop id no model can emit: every row runs to N tokens
 
 
-def best_of(fns, repeats):
-    """[(best wall time, first-call time)] per fn. One warm-up call each (it compiles), then `repeats` rounds that
-    alternate the fns, keeping each one's minimum: on a shared machine the minimum is the least disturbed run,
-    and alternating exposes both to the same background load."""
-    first = []
+def best_of(fns, repeats, check=None):
+    """[(best wall time, first-call time)] per fn. One warm-up call each (it compiles; `check` is then called with
+    their results), then `repeats` rounds that alternate the fns, keeping each one's minimum: on a shared machine
+    the minimum is the least disturbed run, and alternating exposes both to the same background load."""
+    first, outputs = [], []
     for fn in fns:
         t0 = time.perf_counter()
-        fn()
+        outputs.append(fn())
         first.append(time.perf_counter() - t0)
+    if check is not None:
+        check(outputs)
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
@@ -92,12 +100,23 @@ def bench_row(cfg, params, tunix_model, B, P, N, sample, repeats):
     smp = tunix_sampler.Sampler(tunix_model, IdTokenizer(), cache)
     texts = [" ".join(map(str, p)) for p in prompts]
     t_samp = dict(temperature=0.6, top_k=50, top_p=1.0) if sample else dict(temperature=0.0)
-    ours = lambda n: lambda: generate(params, cfg, prompts, max_new_tokens=n, stop_ids=(NEVER,), seed=0,  # noqa
-                                      prompt_bucket=P, **samp)
-    theirs = lambda n: lambda: smp(texts, max_generation_steps=n, max_prompt_length=P, eos_tokens=[NEVER],  # noqa
-                                   seed=0, **t_samp)
-    res = best_of([ours(N), ours(1), theirs(N), theirs(1)], repeats)
+    ours = lambda n, **kw: lambda: generate(params, cfg, prompts, max_new_tokens=n, stop_ids=(NEVER,),  # noqa
+                                            seed=0, prompt_bucket=P, **{**samp, **kw})
+    theirs = lambda n, **kw: lambda: smp(texts, max_generation_steps=n, max_prompt_length=P,  # noqa
+                                         eos_tokens=[NEVER], seed=0, **{**t_samp, **kw})
+    greedy = lambda ours_N, theirs_N: check_same_greedy(ours_N.tokens, theirs_N.tokens, N)  # noqa: E731
+    if sample:  # sampled tokens differ by RNG: check a greedy call of each first (it compiles the greedy path)
+        greedy(ours(N, temperature=0.0, top_k=None)(), theirs(N, temperature=0.0, top_k=None, top_p=None)())
+    res = best_of([ours(N), ours(1), theirs(N), theirs(1)], repeats,
+                  check=None if sample else lambda outs: greedy(outs[0], outs[2]))
     return res[:2], res[2:]
+
+
+def check_same_greedy(ours, theirs, N):
+    """Both samplers must pick the same greedy tokens, all N of them in every row, before they are timed."""
+    for i, row in enumerate(theirs):
+        if np.asarray(ours[i, :N]).tolist() != np.asarray(row).tolist():
+            raise AssertionError(f"greedy tokens of prompt {i} differ from Tunix's Sampler: {ours[i, :N]} vs {row}")
 
 
 def cpu_table(args):
@@ -106,25 +125,26 @@ def cpu_table(args):
         grids = {"TINY": grid, "MID": grid}
     else:
         grids = {"TINY": [(8, 16, 64), (32, 64, 128), (32, 128, 256)], "MID": [(8, 16, 64), (32, 128, 128)]}
-    from tunix_utils import to_tunix
-
-    print(f"{'':<17} {'---------- decode tok/s ----------':>34}  {'---------- total tok/s ----------':>33}  "
+    if args.rows:
+        grids = {"TINY": [tuple(args.rows)], "MID": [tuple(args.rows)]}
+    print(f"{'':<22} {'---------- decode tok/s ----------':>34}  {'---------- total tok/s ----------':>33}  "
           f"{'------- decode ms/step -------':>40}")
-    print(f"{'model':<6} {'B':>3} {'P':>4} {'N':>4} {'ours':>10} {'tunix':>10} {'ratio':>7}  {'ours':>10} "
+    print(f"{'model':<11} {'B':>3} {'P':>4} {'N':>4} {'ours':>10} {'tunix':>10} {'ratio':>7}  {'ours':>10} "
           f"{'tunix':>10} {'ratio':>7}  {'ours':>7} {'tunix':>7} {'mm floor':>8} {'ceiling':>7}  {'ours 1st s':>10} "
           f"{'tunix 1st s':>11}", flush=True)
-    for name, rows in grids.items():
-        if args.models and name not in args.models:
+    configs = bench_configs(args.model)
+    for size, rows in grids.items():
+        if args.models and size not in args.models:
             continue
-        cfg = dataclasses.replace(getattr(g, name), query_pre_attn_scalar=getattr(g, name).head_dim)
+        name, cfg = configs[size]
         params = init_params(cfg, 0)
-        tunix_model = to_tunix(params, cfg)
+        tunix_model = to_tunix_model(params, cfg)
         for B, P, N in rows:
             ((ours, ours_first), (ours1, _)), ((theirs, theirs_first), (theirs1, _)) = bench_row(
                 cfg, params, tunix_model, B, P, N, args.sample, args.repeats)
             step_ours, step_theirs = (ours - ours1) / (N - 1), (theirs - theirs1) / (N - 1)
             floor = matmul_floor_s(cfg, params, B, args.repeats)
-            print(f"{name:<6} {B:>3} {P:>4} {N:>4} {B / step_ours:>10.0f} {B / step_theirs:>10.0f} "
+            print(f"{name:<11} {B:>3} {P:>4} {N:>4} {B / step_ours:>10.0f} {B / step_theirs:>10.0f} "
                   f"{step_theirs / step_ours:>6.2f}x  {B * N / ours:>10.0f} {B * N / theirs:>10.0f} "
                   f"{theirs / ours:>6.2f}x  {1e3 * step_ours:>7.2f} {1e3 * step_theirs:>7.2f} {1e3 * floor:>8.2f} "
                   f"{step_theirs / floor:>6.2f}x  {ours_first:>10.1f} {theirs_first:>11.1f}", flush=True)
@@ -156,7 +176,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="full grid (tens of minutes on a 2-core CPU)")
     ap.add_argument("--sample", action="store_true", help="top-k sampling (T 0.6, k 50) instead of greedy")
-    ap.add_argument("--models", nargs="*", choices=["TINY", "MID"], help="restrict the CPU table to these configs")
+    ap.add_argument("--model", choices=MODELS, default="gemma2", help="model family of the CPU table")
+    ap.add_argument("--models", nargs="*", choices=["TINY", "MID"], help="restrict the CPU table to these sizes")
+    ap.add_argument("--rows", nargs=3, type=int, metavar=("B", "P", "N"), help="one row (B, P, N) instead of the grid")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gpu", action="store_true", help="GEMMA2_2B-shaped bf16 decode roofline (ours only)")
     ap.add_argument("--gpu-new-tokens", type=int, default=256)

@@ -4,6 +4,10 @@ machine's float32 matmul peak, measured here.
 
     python bench/sft_step.py                  # MID, B=4 x T=256, LoRA rank 16 on q, kv, gate, up, down
     python bench/sft_step.py --config tiny    # quick check
+    python bench/sft_step.py --model gemma3   # MID_GEMMA3 vs Tunix's Gemma 3 (configs: bench/configs.py)
+
+Before the times are taken, the loss of every implementation's first step (LoRA B = 0: the base model's loss) must
+equal ours within 1e-4, so the rows compare the same work.
 
 Model FLOPs of one LoRA step (the base is frozen, so no weight gradients for it):
     forward 2 * P_mm * tokens (+ attention 4 * B * T^2 * N * H per layer, + LoRA 2 * R * (in + out) per token);
@@ -23,8 +27,8 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.p
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from configs import MODELS, bench_configs, to_tunix_model  # noqa: E402
 
-from gemma_jax.config import MID, TINY  # noqa: E402
 from gemma_jax.model import init_params  # noqa: E402
 from lora.adapters import init_lora  # noqa: E402
 from sft.train import HParams, train_step  # noqa: E402
@@ -34,13 +38,14 @@ TARGETS = ("q", "kv", "gate", "up", "down")
 
 
 def median_time(fn, repeats):
-    fn()  # compile + warm-up
+    """(median wall time of fn(), the result of the first call): one warm-up call that compiles, then `repeats`."""
+    out = fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(times)), out
 
 
 def matmul_peak_gflops():
@@ -49,7 +54,7 @@ def matmul_peak_gflops():
     for n in (512, 1024, 2048):
         a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
         f = jax.jit(lambda x: x @ x)
-        t = median_time(lambda: f(a).block_until_ready(), 5)
+        t, _ = median_time(lambda: f(a).block_until_ready(), 5)
         best = max(best, 2 * n**3 / t / 1e9)
     return best
 
@@ -84,8 +89,8 @@ def ours(cfg, params, lora, tokens, loss_mask, hp, repeats):
 
     def run():
         lo, opt, m = train_step(state["lora"], state["opt"], params, batch, cfg=cfg, hp=hp)
-        jax.block_until_ready(m["loss"])
         state["lora"], state["opt"] = lo, opt
+        return float(m["loss"])
 
     return median_time(run, repeats)
 
@@ -95,9 +100,8 @@ def tunix(cfg, params, lora_rank, tokens, loss_mask, hp, repeats):
     import qwix
     from tunix.sft import peft_trainer
     from tunix.sft import utils as tunix_utils
-    from tunix_utils import to_tunix
 
-    model = to_tunix(params, cfg)
+    model = to_tunix_model(params, cfg)
     provider = qwix.LoraProvider(module_path=".*q_einsum|.*kv_einsum|.*gate_proj|.*up_proj|.*down_proj",
                                  rank=lora_rank, alpha=2.0 * lora_rank)
     model = qwix.apply_lora_to_model(model, provider, **model.get_model_input())
@@ -108,32 +112,38 @@ def tunix(cfg, params, lora_rank, tokens, loss_mask, hp, repeats):
     inputs = {"input_tokens": jnp.asarray(tokens), "input_mask": jnp.asarray(loss_mask),
               "positions": tunix_utils.build_positions_from_mask(pad),
               "attention_mask": tunix_utils.make_causal_attn_mask(pad)}
-    return median_time(lambda: jax.block_until_ready(step(inputs)[0]), repeats)
+    return median_time(lambda: float(step(inputs)[0]), repeats)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=MODELS, default="gemma2")
     ap.add_argument("--config", choices=("mid", "tiny"), default="mid")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
-    cfg = MID if args.config == "mid" else dataclasses.replace(TINY, query_pre_attn_scalar=TINY.head_dim)
+    name, cfg = bench_configs(args.model)[args.config.upper()]
     B, T = args.batch, args.seq
     params = jax.jit(init_params, static_argnums=(0, 1))(cfg, 0)
     lora = init_lora(cfg, args.rank, 2.0 * args.rank, TARGETS, seed=0)
     hp = HParams(lr=1e-4, warmup_steps=0, steps=10**6, weight_decay=0.1, clip=1.0)
     tokens, loss_mask = make_batch(cfg, B, T)
     peak = matmul_peak_gflops()
-    t_ours = ours(cfg, params, lora, tokens, loss_mask, hp, args.repeats)
+    t_ours, loss = ours(cfg, params, lora, tokens, loss_mask, hp, args.repeats)
     # the same step with the layers unrolled (cfg.scan_layers=False): longer compile, no scan loop on the CPU
-    t_unrolled = ours(dataclasses.replace(cfg, scan_layers=False), params, lora, tokens, loss_mask, hp, args.repeats)
-    t_tunix = tunix(cfg, params, args.rank, tokens, loss_mask, hp, args.repeats)
+    t_unrolled, loss_unrolled = ours(dataclasses.replace(cfg, scan_layers=False), params, lora, tokens, loss_mask,
+                                     hp, args.repeats)
+    t_tunix, loss_tunix = tunix(cfg, params, args.rank, tokens, loss_mask, hp, args.repeats)
+    for what, other in (("unrolled", loss_unrolled), ("Tunix", loss_tunix)):
+        if not abs(other - loss) <= 1e-4:
+            raise AssertionError(f"first-step loss of {what} {other:.6f} != ours {loss:.6f}: not the same step")
     flops = step_flops(cfg, B, T, args.rank)
-    print(f"config {args.config}, B={B} T={T}, LoRA rank {args.rank} on {','.join(TARGETS)}, float32, "
+    print(f"config {name}, B={B} T={T}, LoRA rank {args.rank} on {','.join(TARGETS)}, float32, "
           f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}")
     print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s; model FLOPs per step: {flops / 1e9:.2f} GFLOP")
+    print(f"first-step loss: ours {loss:.6f}, unrolled {loss_unrolled:.6f}, Tunix {loss_tunix:.6f}")
     print("| implementation | step time (s) | tokens/s | GFLOP/s | MFU |")
     print("|---|---|---|---|---|")
     rows = (("nanotunix train_step (scan over layers)", t_ours), ("nanotunix train_step (unrolled layers)", t_unrolled),
