@@ -336,3 +336,47 @@ def test_cli_trains_saves_adapters_and_resumes(tokenizer_path, tmp_path, capsys)
     assert float(jnp.abs(lo.layers["q"]["b"]).max()) > 0  # trained: B left its zero init
     with pytest.raises(UsageError, match="--base"):
         main(["--data", str(tmp_path / "sft.csv")])  # --data without --base
+
+
+# ---------------------------------------------------------------------------------------------- non-finite guard
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(params, tokenizer, tmp_path, monkeypatch):
+    """Fault injection: the loss of any micro-batch holding a token only example 5 contains is made NaN. Exactly
+    the steps whose batch holds that example are skipped (AdamW count does not advance, adapters stay finite) and
+    counted; max_nonfinite in a row stop the run with a NonFiniteError naming the step, leaving finite
+    checkpoints up to the step before."""
+    import sft.train as sft_train
+    from train.optim import NonFiniteError
+    from train.state import CheckpointManager
+
+    exs = [encode_example(_record(i), tokenizer, 64) for i in range(8)]
+    counts = [set(e.tokens.tolist()) for e in exs]
+    marker = next(t for t in counts[5] if sum(t in c for c in counts) == 1)
+    clean = sft_train.nll_sum
+
+    def poisoned(lo, base, batch, cfg):
+        total, n = clean(lo, base, batch, cfg)
+        return jnp.where(jnp.any(batch["tokens"] == marker), jnp.nan, total), n
+
+    monkeypatch.setattr(sft_train, "nll_sum", poisoned)
+    data = SFTData(exs, batch_size=4, max_len=64, seed=0)
+    hp = HParams(lr=1e-2, warmup_steps=0, steps=8, weight_decay=0.0, clip=1.0, grad_accum=1, max_nonfinite=3,
+                 b2=0.9871)  # an hp no other test uses: the poisoned trace is never reused from jit's cache
+    bad = [s for s in range(8) if marker in data.batch(s)["tokens"]]
+    assert len(bad) == 4  # one of the 2 batches in each of the 4 epochs
+    try:
+        lo, opt, _ = train_loop(CFG, params, init_lora(CFG, 4, 8.0, seed=0), data, hp, str(tmp_path / "a"),
+                                save_every=0, print_fn=lambda *a: None)
+        rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+        assert [r["step"] - 1 for r in rows if r["nonfinite_skipped"]] == bad
+        assert int(opt["count"]) == 8 - len(bad)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(lo))
+
+        stop = dataclasses.replace(hp, max_nonfinite=1)
+        with pytest.raises(NonFiniteError, match=f"step {bad[0] + 1}:"):
+            train_loop(CFG, params, init_lora(CFG, 4, 8.0, seed=0), data, stop, str(tmp_path / "b"), save_every=1,
+                       print_fn=lambda *a: None)
+        assert CheckpointManager(str(tmp_path / "b" / "checkpoints")).steps() == list(range(1, bad[0] + 1))
+    finally:
+        jax.clear_caches()
