@@ -1,5 +1,5 @@
-"""Memory of a full-size GEMMA2_2B LoRA train step: XLA's own numbers next to train/memory.py's estimate,
-then what fits on a few accelerators.
+"""Memory of a full-size LoRA train step (GEMMA2_2B by default, or a Gemma 3 preset): XLA's own numbers next to
+train/memory.py's estimate, then what fits on a few accelerators.
 
 The step (rank 32 on q/kv/gate/up/down, bf16 base, float32 LoRA + AdamW, masked next-token CE, per-layer remat)
 is lowered and compiled for a fake 8-device CPU mesh from abstract inputs (jax.ShapeDtypeStruct with shardings),
@@ -7,6 +7,7 @@ so nothing of the 2B model is allocated. `compiled.memory_analysis()` is per dev
 
     python bench/memory_report.py                  # fsdp=2,tp=4 and fsdp=1,tp=8, batch 2 x 2048 (~1-3 minutes)
     python bench/memory_report.py --batch 8 --seq 1024 --mesh fsdp=8
+    python bench/memory_report.py --config GEMMA3_1B --fits-only    # the estimate's table only (seconds)
 """
 
 import argparse
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gemma_jax.config import GEMMA2_2B  # noqa: E402
+from gemma_jax import config as presets  # noqa: E402
 from gemma_jax.model import abstract_params, lora_specs  # noqa: E402
 from gemma_jax.scoring import token_logprobs  # noqa: E402
 from gemma_jax.sharding import batch_sharding, lora_shardings, make_mesh, optimizer_shardings, param_shardings  # noqa: E402
@@ -77,13 +78,13 @@ def compile_step(cfg, rank, batch, seq_len, mesh):
     return compiled, time.perf_counter() - t0
 
 
-def report_compiled(cfg, rank, batch, seq_len, mesh_spec):
+def report_compiled(cfg, rank, batch, seq_len, mesh_spec, name="GEMMA2_2B"):
     mesh = make_mesh(mesh_spec)
     compiled, secs = compile_step(cfg, rank, batch, seq_len, mesh)
     ma = compiled.memory_analysis()
     est = memory.estimate_bytes(cfg, param_dtype=cfg.param_dtype, lora_rank=rank, batch=batch, seq_len=seq_len,
                                 mesh_shape=dict(mesh.shape), remat=cfg.remat)
-    print(f"\n== GEMMA2_2B LoRA r{rank} step, batch {batch} x {seq_len}, mesh {mesh_spec}, remat {cfg.remat} "
+    print(f"\n== {name} LoRA r{rank} step, batch {batch} x {seq_len}, mesh {mesh_spec}, remat {cfg.remat} "
           f"(compiled in {secs:.0f} s), per device ==")
     print(f"XLA arguments   {ma.argument_size_in_bytes / GB:8.2f} GB   estimate params+LoRA+opt "
           f"{(est['base_params'] + est['lora_params'] + est['optimizer']) / GB:8.2f} GB")
@@ -97,11 +98,11 @@ def report_compiled(cfg, rank, batch, seq_len, mesh_spec):
     return ma, est
 
 
-def what_fits(cfg, rank):
+def what_fits(cfg, rank, name="GEMMA2_2B"):
     """Largest SFT batch x length and GRPO group that fit in each device's memory, by the estimate (90% usable)."""
     devices = [("TPU v5e-8, fsdp=1,tp=4 (per chip)", 16, {"tp": 4}), ("TPU v5e-8, fsdp=1,tp=8", 16, {"tp": 8}),
                ("TPU v5e-8, fsdp=8", 16, {"fsdp": 8}), ("H100 80 GB", 80, {}), ("24 GB GPU", 24, {})]
-    print("\n== What fits: GEMMA2_2B, bf16 base, LoRA r32 f32 + AdamW, remat on (estimate, 90% of memory) ==")
+    print(f"\n== What fits: {name}, bf16 base, LoRA r{rank} f32 + AdamW, remat on (estimate, 90% of memory) ==")
     print(f"{'device':36s} {'SFT 2048: max batch':>20s} {'SFT batch 2: max len':>21s} {'GRPO G=4 x 1024':>16s} "
           f"{'sampling G=4':>19s}")
     for name, gb, mesh_shape in devices:
@@ -135,16 +136,19 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--mesh", action="append", help="mesh spec(s); default fsdp=2,tp=4 and fsdp=1,tp=8")
     ap.add_argument("--no-remat", action="store_true")
+    ap.add_argument("--config", default="GEMMA2_2B", choices=("GEMMA2_2B", "GEMMA_2B", "GEMMA3_270M", "GEMMA3_1B",
+                                                               "GEMMA3_4B", "GEMMA3_12B", "GEMMA3_27B"))
+    ap.add_argument("--fits-only", action="store_true", help="skip the XLA compile; print the estimate tables")
     args = ap.parse_args(argv)
-    cfg = dataclasses.replace(GEMMA2_2B, param_dtype="bfloat16", remat=not args.no_remat)
-    for spec in args.mesh or ["fsdp=2,tp=4", "fsdp=1,tp=8"]:
-        report_compiled(cfg, args.rank, args.batch, args.seq, spec)
+    cfg = dataclasses.replace(getattr(presets, args.config), param_dtype="bfloat16", remat=not args.no_remat)
+    for spec in [] if args.fits_only else args.mesh or ["fsdp=2,tp=4", "fsdp=1,tp=8"]:
+        report_compiled(cfg, args.rank, args.batch, args.seq, spec, args.config)
     est = {m: memory.estimate_bytes(cfg, param_dtype="bfloat16", lora_rank=args.rank, batch=args.batch,
                                     seq_len=args.seq, mesh_shape=ms, remat=True)
            for m, ms in (("1 device", {}), ("fsdp=2,tp=4", {"fsdp": 2, "tp": 4}), ("tp=8", {"tp": 8}))}
     print(f"\n== Estimate per device, batch {args.batch} x {args.seq} ==")
     print(memory.format_table(est))
-    what_fits(cfg, args.rank)
+    what_fits(cfg, args.rank, args.config)
     return 0
 
 
