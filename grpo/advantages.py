@@ -10,11 +10,17 @@ import numpy as np
 STD_EPS = 1e-6
 
 SCALINGS = ("group", "batch", "none")
+ESTIMATORS = ("grpo", "rloo")  # Tunix `advantage_estimator` names
 
 
-def compute_advantages(rewards_B, group_size: int, *, scale: str = "group", eps: float = STD_EPS) -> np.ndarray:
+def compute_advantages(rewards_B, group_size: int, *, scale: str = "group", eps: float = STD_EPS,
+                       estimator: str = "grpo") -> np.ndarray:
     """Advantage of each completion relative to its group of G = `group_size` consecutive rows.
 
+    estimator="rloo" (REINFORCE Leave-One-Out, Ahmadian et al. 2024, arXiv 2402.14740; Tunix
+        `algo_core.compute_rloo_advantages`, `advantage_estimator="rloo"`): A_i = r_i - mean_{j != i} r_j
+        = G/(G-1) (r_i - mean_group), never divided by a std, so `scale` does not apply to it.
+    estimator="grpo" (default), by `scale`:
     scale="group" (default; GRPO paper, Tunix `advantage_estimator="grpo"`, TRL `scale_rewards="group"`):
         A_i = (r_i - mean_group) / (std_group(ddof=1) + eps)
     scale="batch" (TRL `scale_rewards="batch"`): the group mean is subtracted, then divided by the std (ddof=1)
@@ -28,9 +34,16 @@ def compute_advantages(rewards_B, group_size: int, *, scale: str = "group", eps:
         raise ValueError(f"rewards must be a 1-D array [B*G], got shape {r_B.shape}")
     if group_size < 1 or r_B.shape[0] % group_size:
         raise ValueError(f"rewards length {r_B.shape[0]} is not a multiple of the group size G={group_size}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"advantage estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if scale not in SCALINGS:
         raise ValueError(f"advantage scale must be one of {SCALINGS}, got {scale!r}")
     r_PG = r_B.reshape(-1, group_size)
+    if estimator == "rloo":
+        if group_size < 2:  # as Tunix: no other sample to form a baseline
+            return np.zeros_like(r_B, np.float32)
+        loo_PG = (r_PG.sum(axis=1, keepdims=True) - r_PG) / (group_size - 1)
+        return (r_PG - loo_PG).reshape(-1).astype(np.float32)
     centred_PG = r_PG - r_PG.mean(axis=1, keepdims=True)
     if scale == "group":
         std_P1 = r_PG.std(axis=1, ddof=1, keepdims=True) if group_size > 1 else np.zeros_like(centred_PG[:, :1])

@@ -7,7 +7,8 @@ One optimizer update (`train_step`):
     micro-batches equal one big batch exactly) -> global-norm clip -> AdamW (train/optim.py).
 Only the LoRA adapters are differentiated; the reference policy is the same base with lora=None.
 
-Determinism and resume: the prompts of step s and its sampling seed are functions of (seed, s) alone, so a run
+Determinism and resume: the prompts of step s (and of its dynamic-sampling rounds, `extra_step_records`) and its
+sampling seeds are functions of (seed, s) alone, so a run
 killed after checkpoint s and restarted continues exactly like an uninterrupted run. A checkpoint holds the
 adapters, the AdamW state, the step, and the probability reward's state (cached baselines and std EMA) in its
 meta.json.
@@ -24,8 +25,9 @@ import numpy as np
 
 from gemma_jax.scoring import completion_logprobs
 from gemma_jax.sharding import place_train_state
+from grpo.advantages import ESTIMATORS
 from grpo.evaluate import evaluate
-from grpo.loss import IS_LEVELS, KL_KINDS, LOSS_AGG_MODES, LOSS_TYPES, grpo_loss
+from grpo.loss import IS_LEVELS, KL_KINDS, LOSS_AGG_MODES, LOSS_TYPES, SAMPLER_IS_MODES, grpo_loss, sampler_is_weights
 from grpo.rollout import rollout as do_rollout
 from lora.adapters import LoRA
 from rewards.prob import ProbState
@@ -60,6 +62,14 @@ class GRPOHParams:
     top_entropy_quantile: float = 1.0  # < 1: policy loss only on the highest-entropy tokens (TRL)
     entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef x token-mean entropy
     adv_scale: str = "group"  # advantage std scaling: group, batch, or none (Dr. GRPO)
+    adv_estimator: str = "grpo"  # grpo (scaled by adv_scale) or rloo (leave-one-out baseline, no std; Tunix)
+    sampler_is: str | None = None  # sampler/learner IS correction (TRL vllm_importance_sampling_mode); None: off
+    sampler_is_min: float | None = None  # sampler IS weights below this are truncated / masked (None: no bound)
+    sampler_is_max: float | None = 3.0  # sampler IS weights above this are truncated / masked (None: no bound)
+    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens of max_new_tokens (0: off)
+    overlong_penalty: float = 1.0  # factor of the overlong punishment (-factor at max_new_tokens)
+    dynamic_sampling: bool = False  # DAPO: replace groups with all-equal rewards by groups of extra prompts
+    max_extra_draws: int = 4  # dynamic sampling: at most this many extra rounds of prompts_per_step prompts
     mask_truncated: bool = False  # no loss on completions cut at max_new_tokens (DAPO overlong filter)
     temperature: float = 0.6  # sampling temperature (the log-probs are taken at the same temperature)
     top_k: int | None = 50  # sample among the k most likely tokens (None: all)
@@ -83,7 +93,8 @@ class GRPOHParams:
         """Raise ValueError naming the first inconsistent setting; returns self."""
         rows = self.prompts_per_step * self.group_size
         choices = {"kl": KL_KINDS, "loss_agg": LOSS_AGG_MODES, "adv_scale": ("group", "batch", "none"),
-                   "loss_type": (None, *LOSS_TYPES), "importance_sampling": IS_LEVELS}
+                   "loss_type": (None, *LOSS_TYPES), "importance_sampling": IS_LEVELS, "adv_estimator": ESTIMATORS,
+                   "sampler_is": (None, *SAMPLER_IS_MODES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -95,6 +106,11 @@ class GRPOHParams:
             raise ValueError(f"steps and num_iterations must be >= 1, got {self.steps}, {self.num_iterations}")
         if not 0.0 < self.top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError(f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.overlong_buffer}")
+        if self.max_extra_draws < 0:
+            raise ValueError(f"max_extra_draws must be >= 0, got {self.max_extra_draws}")
         return self
 
 
@@ -131,7 +147,18 @@ def _micro_loss(lora, mb, params, norms, cfg, hp: GRPOHParams):
                         gspo=hp.gspo, num_rows=rows, num_tokens=norms["tokens"], norm=hp.loss_norm,
                         loss_type=hp.loss_type, importance_sampling=hp.importance_sampling, delta=hp.delta,
                         max_completion_length=hp.max_new_tokens, kl_is_weight=hp.kl_is_weight,
-                        top_entropy_quantile=hp.top_entropy_quantile, entropy_coef=hp.entropy_coef)
+                        top_entropy_quantile=hp.top_entropy_quantile, entropy_coef=hp.entropy_coef,
+                        sampler_logp_BC=mb["sampler_logp"] if hp.sampler_is else None,
+                        sampler_is_mode=hp.sampler_is or "token_truncate", sampler_is_min=hp.sampler_is_min,
+                        sampler_is_max=hp.sampler_is_max)
+    if not hp.sampler_is and "sampler_logp" in mb:
+        # Without the correction, still log the sampler/learner mismatch, measured where the correction would be:
+        # against the loss's old log-probs (old_logp, or at num_iterations == 1 this very forward pass, which is
+        # the policy that sampled). One place for both cases; the micro-batch token-weighted reduction of the mean
+        # is the whole batch's mean over its tokens.
+        old = jax.lax.stop_gradient(logp) if mb.get("old_logp") is None else mb["old_logp"]
+        _, is_m = sampler_is_weights(mb["sampler_logp"], old, mb["completion_mask"])
+        m = {**m, **{k: v for k, v in is_m.items() if k.startswith("sampling/sampling_logp_difference")}}
     return loss, {**m, "loss": loss}
 
 
@@ -149,7 +176,8 @@ train_step = jax.jit(_train_step, static_argnames=("cfg", "hp"), donate_argnums=
 
 def to_micro_batches(ro: dict, micro_batch: int) -> tuple[dict, dict]:
     """The rollout's training arrays as [M, micro_batch, ...] stacks, and the whole batch's normalisers."""
-    keys = ("prompt", "prompt_mask", "completion", "completion_mask", "advantages", "ref_logp", "old_logp")
+    keys = ("prompt", "prompt_mask", "completion", "completion_mask", "advantages", "ref_logp", "old_logp",
+            "sampler_logp")
     B = ro["prompt"].shape[0]
     batch = {k: ro[k].reshape(B // micro_batch, micro_batch, *ro[k].shape[1:]) for k in keys if k in ro}
     mask = ro["completion_mask"]
@@ -166,6 +194,13 @@ def step_records(records, step: int, n: int, seed: int) -> list:
         epoch, i = divmod(pos, len(records))
         out.append(records[int(_epoch_order(len(records), seed, epoch)[i])])
     return out
+
+
+def extra_step_records(records, step: int, round_: int, n: int, seed: int) -> list:
+    """The `n` prompts of dynamic-sampling round `round_` >= 1 of step `step`: a stream of its own, seeded by
+    (seed, step, round), so the main stream `step_records` is untouched and a resumed run draws the same extras."""
+    rng = np.random.default_rng([seed, step, round_])
+    return [records[int(i)] for i in rng.choice(len(records), n, replace=n > len(records))]
 
 
 @functools.lru_cache(maxsize=4)
@@ -227,9 +262,11 @@ def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, 
         log.start()
         while step < end:
             recs = step_records(records, step, hp.prompts_per_step, seed)
+            extra = functools.partial(extra_step_records, records, step, n=hp.prompts_per_step, seed=seed)
             ro, texts, metrics, prob_state = do_rollout(params, cfg, lora, recs, tokenizer, hp=hp,
                                                         reward_fn=reward_fn, reward_cfg=reward_cfg,
-                                                        prob_state=prob_state, seed=seed * 1_000_003 + step)
+                                                        prob_state=prob_state, seed=seed * 1_000_003 + step,
+                                                        extra_records=extra)
             batch, norms = to_micro_batches(ro, hp.micro_batch)
             t0 = time.perf_counter()
             for _ in range(hp.num_iterations):

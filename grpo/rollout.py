@@ -9,7 +9,9 @@ reference (and old-policy) per-token log-probs the loss needs.
     this step's updates) only when num_iterations > 1, else the loss uses stop_gradient(logp).
 A rollout is a dict of NumPy arrays (B = prompts x G rows, P prompt bucket, C = max_new_tokens):
     prompt [B,P] (left-padded), prompt_mask [B,P], completion [B,C] (right-padded), completion_mask [B,C],
-    advantages [B], rewards [B], and optionally ref_logp [B,C], old_logp [B,C].
+    sampler_logp [B,C] (the sampler's own temperature-scaled log-probs), advantages [B], rewards [B], and
+    optionally ref_logp [B,C], old_logp [B,C].
+DAPO's overlong punishment and dynamic sampling (grpo/shaping.py) act between the rewards and the advantages.
 """
 
 import functools
@@ -22,6 +24,7 @@ from data.rl import system_prompt_for
 from gemma_jax.sampler import bucket_length, generate
 from gemma_jax.scoring import completion_logprobs, token_logprobs
 from grpo.advantages import compute_advantages, zero_std_fraction
+from grpo.shaping import dynamic_sample, overlong_penalty
 from rewards.format import is_strict
 from rewards.math import extract_answer, math_correct
 from rewards.router import compute_rewards, reward_type
@@ -122,9 +125,9 @@ def text_metrics(texts, records) -> dict:
             "general_exact_match": float(np.mean(exact)) if exact else float("nan")}
 
 
-def _reward_metrics(rewards, components, records_rep, group_size) -> dict:
-    """Reward mean/std per component and per domain, and the fraction of zero-std groups."""
-    m = {"reward/std": float(np.std(rewards)), "zero_std_groups": zero_std_fraction(rewards, group_size)}
+def _reward_metrics(rewards, components, records_rep) -> dict:
+    """Reward std overall and per component, and the reward mean per domain."""
+    m = {"reward/std": float(np.std(rewards))}
     for name, values in components.items():
         v = np.asarray(values, np.float64)
         if v.dtype == bool or name.startswith("is_"):
@@ -147,19 +150,17 @@ def trim_padding(ro: dict, lengths, multiple: int = 16) -> dict:
     out = dict(ro)
     for k in ("prompt", "prompt_mask"):
         out[k] = ro[k][:, P - keep_p:]
-    for k in ("completion", "completion_mask"):
-        out[k] = ro[k][:, :keep_c]
+    for k in ("completion", "completion_mask", "sampler_logp"):
+        if k in ro:
+            out[k] = ro[k][:, :keep_c]
     return out
 
 
-def rollout(params, cfg, lora, records, tokenizer, *, hp, reward_fn=compute_rewards, reward_cfg=None, prob_state=None,
-            seed: int = 0, score_micro_batch: int = 16):
-    """Sample G completions for each record, score them and compute advantages.
-
-    hp: grpo.learner.GRPOHParams (group_size, temperature, top_k, top_p, max_prompt_tokens, max_new_tokens,
-    adv_scale, mask_truncated, beta, num_iterations, micro_batch). reward_fn: the recipe's domain-routed reward
-    (rewards.router.compute_rewards) unless another function with its signature is given.
-    Returns (rollout dict, texts, metrics, new prob state)."""
+def _sample_and_score(params, cfg, lora, records, tokenizer, hp, reward_fn, reward_cfg, prob_state, seed,
+                      score_micro_batch):
+    """G samples per record and their rewards (+ the overlong penalty when hp.overlong_buffer > 0), as one dict of
+    per-row values (every round of dynamic sampling has the same widths: the prompt bucket and max_new_tokens),
+    the reward function's scalar metrics, the new prob state and the timings."""
     G = hp.group_size
     prompts = [prompt_ids(r, tokenizer, hp.max_prompt_tokens) for r in records]
     t0 = time.perf_counter()
@@ -178,16 +179,65 @@ def rollout(params, cfg, lora, records, tokenizer, *, hp, reward_fn=compute_rewa
         texts, records_rep, tokenizer=tokenizer, score_fn=score_fn, prompt_ids=prompts_rep, prob_state=prob_state,
         **kw)
     rewards = np.asarray(rewards, np.float64)
-    advantages = compute_advantages(rewards, G, scale=hp.adv_scale)
-    reward_s = time.perf_counter() - t1
+    components = {k: np.asarray(v) for k, v in components.items()}
+    if hp.overlong_buffer:  # DAPO: added to the reward before the advantages (and before dynamic sampling's filter)
+        components["overlong"] = overlong_penalty(out.lengths, hp.max_new_tokens, hp.overlong_buffer,
+                                                  hp.overlong_penalty)
+        rewards = rewards + components["overlong"]
+    rows = {"prompt": out.prompt_tokens, "prompt_mask": out.prompt_mask, "completion": out.tokens,
+            "sampler_logp": out.logprobs, "lengths": out.lengths, "stopped": out.stopped, "rewards": rewards,
+            "texts": texts, "records": records_rep, **{f"component/{k}": v for k, v in components.items()}}
+    return rows, reward_metrics, prob_state, sample_s, time.perf_counter() - t1
 
-    C = out.tokens.shape[1]
-    mask = (np.arange(C)[None, :] < out.lengths[:, None]).astype(np.float32)
+
+def _round_seed(seed: int, k: int) -> int:
+    """Sampling seed of dynamic-sampling round k (round 0: the step's own seed), a function of (seed, k) only."""
+    return seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0] >> 1)
+
+
+def rollout(params, cfg, lora, records, tokenizer, *, hp, reward_fn=compute_rewards, reward_cfg=None, prob_state=None,
+            seed: int = 0, score_micro_batch: int = 16, extra_records=None):
+    """Sample G completions for each record, score them and compute advantages.
+
+    hp: grpo.learner.GRPOHParams (group_size, temperature, top_k, top_p, max_prompt_tokens, max_new_tokens,
+    adv_scale, adv_estimator, mask_truncated, overlong_buffer, overlong_penalty, dynamic_sampling, max_extra_draws,
+    beta, num_iterations, micro_batch). reward_fn: the recipe's domain-routed reward
+    (rewards.router.compute_rewards) unless another function with its signature is given.
+    extra_records(k) -> the records of dynamic-sampling round k >= 1 (needed when hp.dynamic_sampling).
+    The reward, text and length metrics describe round 0 (the step's own prompts, an unbiased sample of the
+    policy); the trained rows are the groups `grpo.shaping.dynamic_sample` keeps.
+    Returns (rollout dict, texts of the trained rows, metrics, new prob state)."""
+    G = hp.group_size
+    state = {"prob": prob_state, "sample_s": 0.0, "reward_s": 0.0}
+
+    def draw(k):
+        recs = records if k == 0 else extra_records(k)
+        rows, reward_metrics, state["prob"], sample_s, reward_s = _sample_and_score(
+            params, cfg, lora, recs, tokenizer, hp, reward_fn, reward_cfg, state["prob"], _round_seed(seed, k),
+            score_micro_batch)
+        state["sample_s"], state["reward_s"] = state["sample_s"] + sample_s, state["reward_s"] + reward_s
+        if k == 0:
+            state["round0"], state["reward_metrics"] = rows, reward_metrics
+        return rows
+
+    if hp.dynamic_sampling:
+        if extra_records is None:
+            raise ValueError("dynamic_sampling needs extra_records(k): the prompts of the extra rounds")
+        rows, dyn_metrics = dynamic_sample(draw, G, len(records), hp.max_extra_draws)
+    else:
+        rows, dyn_metrics = draw(0), {}
+    advantages = compute_advantages(rows["rewards"], G, scale=hp.adv_scale, estimator=hp.adv_estimator)
+
+    C = rows["completion"].shape[1]
+    mask = (np.arange(C)[None, :] < rows["lengths"][:, None]).astype(np.float32)
     if hp.mask_truncated:  # DAPO's overlong filtering: a completion cut at max_new_tokens gets no loss
-        mask = mask * out.stopped[:, None]
-    ro = {"prompt": out.prompt_tokens, "prompt_mask": out.prompt_mask, "completion": out.tokens,
-          "completion_mask": mask, "advantages": advantages, "rewards": rewards.astype(np.float32)}
-    ro = trim_padding(ro, out.lengths)
+        mask = mask * rows["stopped"][:, None]
+    # The sampler's log-probs travel with every rollout ([B, C] float32, cheap): the learner logs their mismatch
+    # with its own log-probs always and corrects for it (sampler IS) when hp.sampler_is is set.
+    ro = {"prompt": rows["prompt"], "prompt_mask": rows["prompt_mask"], "completion": rows["completion"],
+          "completion_mask": mask, "sampler_logp": rows["sampler_logp"], "advantages": advantages,
+          "rewards": rows["rewards"].astype(np.float32)}
+    ro = trim_padding(ro, rows["lengths"])
     t2 = time.perf_counter()
     if hp.beta:
         ro["ref_logp"] = rollout_logprobs(params, cfg, None, ro, temperature=hp.temperature,
@@ -197,10 +247,16 @@ def rollout(params, cfg, lora, records, tokenizer, *, hp, reward_fn=compute_rewa
                                           micro_batch=hp.micro_batch)
     logp_s = time.perf_counter() - t2
 
-    lengths = out.lengths.astype(np.float64)
-    metrics = {**{k: v for k, v in reward_metrics.items() if np.isscalar(v)},
-               **_reward_metrics(rewards, components, records_rep, G), **text_metrics(texts, records_rep),
+    r0 = state["round0"]
+    components = {k.split("/", 1)[1]: v for k, v in r0.items() if k.startswith("component/")}
+    lengths = r0["lengths"].astype(np.float64)
+    zero_std = zero_std_fraction(r0["rewards"], G)
+    metrics = {**{k: v for k, v in state["reward_metrics"].items() if np.isscalar(v)},
+               **_reward_metrics(r0["rewards"], components, r0["records"]), **text_metrics(r0["texts"], r0["records"]),
+               "frac_reward_zero_std": zero_std, "zero_std_groups": zero_std, **dyn_metrics,
                "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
-               "truncated_frac": float(1.0 - out.stopped.mean()), "sample_s": sample_s, "reward_s": reward_s,
-               "ref_logp_s": logp_s, "sample_tokens_per_s": float(lengths.sum()) / max(sample_s, 1e-9)}
-    return ro, texts, metrics, prob_state
+               "completions/mean_length": float(lengths.mean()), "truncated_frac": float(1.0 - r0["stopped"].mean()),
+               "completions/clipped_ratio": float(1.0 - r0["stopped"].mean()), "sample_s": state["sample_s"],
+               "reward_s": state["reward_s"], "ref_logp_s": logp_s,
+               "sample_tokens_per_s": float(lengths.sum()) / max(state["sample_s"], 1e-9)}
+    return ro, rows["texts"], metrics, state["prob"]
