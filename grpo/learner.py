@@ -33,7 +33,7 @@ from lora.adapters import LoRA
 from rewards.prob import ProbState
 from rewards.router import compute_rewards
 from train.metrics import MetricsLogger
-from train.optim import accumulate_grads, adamw_init, apply_update
+from train.optim import accumulate_grads, adamw_init, apply_update, check_nonfinite
 from train.state import CheckpointManager, make_meta
 
 
@@ -84,6 +84,7 @@ class GRPOHParams:
     b1: float = 0.9  # AdamW first-moment decay
     b2: float = 0.99  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW epsilon
+    max_nonfinite: int = 3  # consecutive rollout steps with a non-finite update (skipped) that stop the run
 
     @property
     def total_updates(self) -> int:
@@ -165,8 +166,9 @@ def _micro_loss(lora, mb, params, norms, cfg, hp: GRPOHParams):
 def _train_step(lora, opt_state, params, batch, norms, *, cfg, hp: GRPOHParams):
     loss_fn = lambda lo, mb: _micro_loss(lo, mb, params, norms, cfg, hp)  # noqa: E731
     grads, per_micro = accumulate_grads(loss_fn, lora, batch)
-    lora, opt_state, m = apply_update(grads, opt_state, lora, hp)
-    return lora, opt_state, {**reduce_micro_metrics(per_micro), **m}
+    metrics = reduce_micro_metrics(per_micro)
+    lora, opt_state, m = apply_update(grads, opt_state, lora, hp, loss=metrics["loss"])
+    return lora, opt_state, {**metrics, **m}
 
 
 # train_step(lora, opt_state, params, batch [M, B/M, ...], norms {"rows", "all_rows", "tokens"}, *, cfg, hp)
@@ -257,7 +259,7 @@ def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, 
     params, lora, opt = place_train_state(cfg, params, lora, opt, mesh)
     n_steps = hp.steps
     end = n_steps if stop_at_step is None else min(stop_at_step, n_steps)
-    last = {}
+    last, streak = {}, 0
     with MetricsLogger(out_dir, n_steps, print_fn=print_fn, tensorboard=tensorboard) as log:
         log.start()
         while step < end:
@@ -269,14 +271,18 @@ def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, 
                                                         extra_records=extra)
             batch, norms = to_micro_batches(ro, hp.micro_batch)
             t0 = time.perf_counter()
+            skipped = 0.0
             for _ in range(hp.num_iterations):
                 lora, opt, m = train_step(lora, opt, params, batch, norms, cfg=cfg, hp=hp)
+                skipped = skipped + m["nonfinite_skipped"]
             m = {k: float(v) for k, v in m.items()}  # blocks: the timing below is the real training time
+            m["nonfinite_skipped"] = float(skipped)  # updates skipped in this step's num_iterations
             train_s = time.perf_counter() - t0
             seq_tokens = float(ro["prompt_mask"].sum() + ro["completion_mask"].sum()) * hp.num_iterations
             step += 1
             last = {**metrics, **m, "train_s": train_s, "train_tokens_per_s": seq_tokens / max(train_s, 1e-9)}
             log.log(step, last)
+            streak = check_nonfinite(last, step, streak, hp.max_nonfinite, print_fn)
             if sample_every and step % sample_every == 0:
                 _print_samples(print_fn, recs, texts, ro["rewards"], hp.group_size)
             if eval_records and eval_every and (step % eval_every == 0 or step == n_steps):

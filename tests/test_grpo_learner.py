@@ -3,6 +3,7 @@ probability, gradient accumulation equals one big batch, and a run SIGKILLed mid
 where an uninterrupted run with the same seed ends."""
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -193,3 +194,37 @@ def test_text_metrics_general_exact_match():
     m = text_metrics(texts, records)
     assert m["general_exact_match"] == 2 / 5 and m["math_accuracy"] == 1.0 and m["strict_format_rate"] == 4 / 6
     assert np.isnan(text_metrics(texts[4:5], records[4:5])["general_exact_match"])
+
+
+def test_nonfinite_rewards_skip_updates_and_stop_the_run(tokenizer, tmp_path):
+    """Rewards that are NaN on every step 2 and later (a broken reward function) give non-finite losses: those
+    updates are skipped (adapters and AdamW count unchanged), and max_nonfinite of them in a row stop the run with
+    an error naming the step; the checkpoints on disk are the finite ones."""
+    from train.optim import NonFiniteError
+    from train.state import CheckpointManager
+
+    params = init_params(TINY, seed=0)
+    good = make_toy_reward(pick_target(params, tokenizer))
+    calls = []
+
+    def reward_fn(texts, records, **kw):
+        calls.append(1)
+        r, comps, m, state = good(texts, records, **kw)
+        return (r if len(calls) == 1 else np.full_like(r, np.nan)), comps, m, state
+
+    hp = dataclasses.replace(HP, steps=5, max_nonfinite=2)
+    with pytest.raises(NonFiniteError, match="step 3: 2 consecutive"):
+        train(TINY, params, init_lora(TINY, rank=4, alpha=8.0, seed=1), RECORDS, tokenizer, hp, str(tmp_path),
+              reward_fn=reward_fn, save_every=1, sample_every=0, seed=3, print_fn=lambda *a: None)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["nonfinite_skipped"] for r in rows] == [0.0, 1.0, 1.0]
+    ckpt = CheckpointManager(str(tmp_path / "checkpoints"))
+    assert ckpt.steps() == [1, 2]  # step 2's state is step 1's: the skipped update changed nothing
+    from grpo.learner import _state_tree
+
+    lo = init_lora(TINY, rank=4, alpha=8.0, seed=1)
+    template = _state_tree(lo, adamw_init(lo))
+    (one, _), (two, _) = ckpt.restore(1, template), ckpt.restore(2, template)
+    for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert int(two["count"]) == 1
