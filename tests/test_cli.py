@@ -166,7 +166,7 @@ def test_no_flag_gives_every_dataclass_default():
 
 # A valid value other than the default for each str field (a new str field must be added here).
 OTHER_STR = {"kl": "k1", "loss_agg": "token-mean", "loss_type": "dapo", "importance_sampling": "sequence",
-             "adv_scale": "batch"}
+             "adv_scale": "batch", "adv_estimator": "rloo", "sampler_is": "token_mask"}
 
 
 def _other_value(f, hint):
@@ -200,7 +200,7 @@ def test_each_flag_sets_exactly_its_field(module, cls):
         assert getattr(hparams_from_args(cls, p.parse_args([f"--{f.name.replace('_', '-')}", "none"])), f.name) is None
     assert {f.name for f in optional} == ({"steps"} if cls is HParams else
                                           {"epsilon_high", "epsilon_c", "loss_norm", "loss_type", "delta", "top_k",
-                                           "top_p"})
+                                           "top_p", "sampler_is", "sampler_is_min", "sampler_is_max"})
 
 
 def test_group_size_alias_and_bool_negation():

@@ -89,9 +89,10 @@ def test_toy_reward_raises_target_probability(setup, tokenizer, tmp_path):
     assert len(rows) == 6
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo", "sapo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "sapo"])  # grpo: the test above; the others share their paths
 def test_toy_learning_per_loss_type(setup, tokenizer, tmp_path, loss_type):
-    """3 steps of each TRL loss type raise p(target) from 0.0186; measured 0.0481 for all five. At num_iterations
+    """3 steps of a TRL loss type raise p(target) from 0.0186; measured 0.0481 for all five (grpo, dapo, dr_grpo,
+    cispo, sapo; two are run here, the others share their code paths with them or with grpo). At num_iterations
     1 the ratio is 1, where every one of these policy terms has the gradient -A grad logp per token (cispo:
     min(1, 5) = 1; sapo: d/dr 4/tau sigmoid(tau (r - 1)) = 1 at r = 1), and the toy completions all have the same
     length, so the aggregations differ only by a constant scale that AdamW removes: the five runs coincide."""
