@@ -236,6 +236,33 @@ def _print_samples(print_fn, records, texts, rewards, G, n=2):
         print_fn(f"    reward {float(rewards[i * G]):.3f}; completion: {texts[i * G][:400]!r}")
 
 
+def updates(lora, opt, params, ro: dict, hp: GRPOHParams, cfg):
+    """hp.num_iterations optimizer updates on one rollout. Returns (lora, opt, metrics as floats incl. train_s and
+    train_tokens_per_s; nonfinite_skipped counts the skipped updates of all iterations)."""
+    batch, norms = to_micro_batches(ro, hp.micro_batch)
+    t0, skipped = time.perf_counter(), 0.0
+    for _ in range(hp.num_iterations):
+        lora, opt, m = train_step(lora, opt, params, batch, norms, cfg=cfg, hp=hp)
+        skipped = skipped + m["nonfinite_skipped"]
+    m = {k: float(v) for k, v in m.items()}  # blocks: the timing below is the real training time
+    m["nonfinite_skipped"] = float(skipped)
+    m["train_s"] = time.perf_counter() - t0
+    seq_tokens = float(ro["prompt_mask"].sum() + ro["completion_mask"].sum()) * hp.num_iterations
+    m["train_tokens_per_s"] = seq_tokens / max(m["train_s"], 1e-9)
+    return lora, opt, m
+
+
+def _resume(ckpt, lora, opt, ident, print_fn):
+    """(step, lora, opt, prob_state) from the newest intact checkpoint, or the fresh ones at step 0."""
+    restored = ckpt.restore_latest(_state_tree(lora, opt), expected_meta=ident)
+    if restored is None:
+        return 0, lora, opt, None
+    step, tree, meta = restored
+    lora, opt = _from_state_tree(tree, lora.scale)
+    print_fn(f"resumed from {ckpt.directory} step {step}")
+    return step, lora, opt, _prob_state_from_json(meta.get("prob_state"))
+
+
 def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, *, reward_fn=compute_rewards,
           reward_cfg=None, eval_records=None, eval_every: int = 0, save_every: int = 10, sample_every: int = 10,
           seed: int = 0, mesh=None, stop_at_step: int | None = None, print_fn=print, tensorboard: bool = False):
@@ -246,21 +273,13 @@ def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, 
     hp.check()
     if not records:
         raise ValueError("train: no RL records")
-    opt = adamw_init(lora)
     ckpt = CheckpointManager(os.path.join(out_dir, "checkpoints"))
-    step, prob_state = 0, None
     ident = make_meta(cfg, lora, group_size=hp.group_size)  # a checkpoint of another model / LoRA shape raises
-    restored = ckpt.restore_latest(_state_tree(lora, opt), expected_meta=ident)
-    if restored is not None:
-        step, tree, meta = restored
-        lora, opt = _from_state_tree(tree, lora.scale)
-        prob_state = _prob_state_from_json(meta.get("prob_state"))
-        print_fn(f"resumed from {out_dir}/checkpoints step {step}")
+    step, lora, opt, prob_state = _resume(ckpt, lora, adamw_init(lora), ident, print_fn)
     params, lora, opt = place_train_state(cfg, params, lora, opt, mesh)
-    n_steps = hp.steps
-    end = n_steps if stop_at_step is None else min(stop_at_step, n_steps)
+    end = hp.steps if stop_at_step is None else min(stop_at_step, hp.steps)
     last, streak = {}, 0
-    with MetricsLogger(out_dir, n_steps, print_fn=print_fn, tensorboard=tensorboard) as log:
+    with MetricsLogger(out_dir, hp.steps, print_fn=print_fn, tensorboard=tensorboard) as log:
         log.start()
         while step < end:
             recs = step_records(records, step, hp.prompts_per_step, seed)
@@ -269,23 +288,14 @@ def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, 
                                                         reward_fn=reward_fn, reward_cfg=reward_cfg,
                                                         prob_state=prob_state, seed=seed * 1_000_003 + step,
                                                         extra_records=extra)
-            batch, norms = to_micro_batches(ro, hp.micro_batch)
-            t0 = time.perf_counter()
-            skipped = 0.0
-            for _ in range(hp.num_iterations):
-                lora, opt, m = train_step(lora, opt, params, batch, norms, cfg=cfg, hp=hp)
-                skipped = skipped + m["nonfinite_skipped"]
-            m = {k: float(v) for k, v in m.items()}  # blocks: the timing below is the real training time
-            m["nonfinite_skipped"] = float(skipped)  # updates skipped in this step's num_iterations
-            train_s = time.perf_counter() - t0
-            seq_tokens = float(ro["prompt_mask"].sum() + ro["completion_mask"].sum()) * hp.num_iterations
+            lora, opt, m = updates(lora, opt, params, ro, hp, cfg)
             step += 1
-            last = {**metrics, **m, "train_s": train_s, "train_tokens_per_s": seq_tokens / max(train_s, 1e-9)}
+            last = {**metrics, **m}
             log.log(step, last)
             streak = check_nonfinite(last, step, streak, hp.max_nonfinite, print_fn)
             if sample_every and step % sample_every == 0:
                 _print_samples(print_fn, recs, texts, ro["rewards"], hp.group_size)
-            if eval_records and eval_every and (step % eval_every == 0 or step == n_steps):
+            if eval_records and eval_every and (step % eval_every == 0 or step == hp.steps):
                 log.log(step, evaluate(params, cfg, lora, eval_records, tokenizer, hp=hp), kind="eval")
             if save_every and (step % save_every == 0 or step == end):
                 ckpt.save(step, _state_tree(lora, opt), {**ident, "step": step, "seed": seed,

@@ -227,36 +227,50 @@ def rollout(params, cfg, lora, records, tokenizer, *, hp, reward_fn=compute_rewa
     else:
         rows, dyn_metrics = draw(0), {}
     advantages = compute_advantages(rows["rewards"], G, scale=hp.adv_scale, estimator=hp.adv_estimator)
+    ro = training_arrays(rows, advantages, hp)
+    t2 = time.perf_counter()
+    add_policy_logprobs(ro, params, cfg, lora, hp)
+    times = {"sample_s": state["sample_s"], "reward_s": state["reward_s"], "ref_logp_s": time.perf_counter() - t2}
+    metrics = rollout_metrics(state["round0"], state["reward_metrics"], dyn_metrics, G, times)
+    return ro, rows["texts"], metrics, state["prob"]
 
+
+def training_arrays(rows: dict, advantages, hp) -> dict:
+    """The arrays the update needs, with the columns that are padding in every row dropped (`trim_padding`).
+    The sampler's log-probs travel along ([B, C] float32, cheap): the learner always logs their mismatch with its
+    own log-probs and corrects for it (sampler IS) when hp.sampler_is is set."""
     C = rows["completion"].shape[1]
     mask = (np.arange(C)[None, :] < rows["lengths"][:, None]).astype(np.float32)
     if hp.mask_truncated:  # DAPO's overlong filtering: a completion cut at max_new_tokens gets no loss
         mask = mask * rows["stopped"][:, None]
-    # The sampler's log-probs travel with every rollout ([B, C] float32, cheap): the learner logs their mismatch
-    # with its own log-probs always and corrects for it (sampler IS) when hp.sampler_is is set.
     ro = {"prompt": rows["prompt"], "prompt_mask": rows["prompt_mask"], "completion": rows["completion"],
           "completion_mask": mask, "sampler_logp": rows["sampler_logp"], "advantages": advantages,
           "rewards": rows["rewards"].astype(np.float32)}
-    ro = trim_padding(ro, rows["lengths"])
-    t2 = time.perf_counter()
+    return trim_padding(ro, rows["lengths"])
+
+
+def add_policy_logprobs(ro: dict, params, cfg, lora, hp) -> None:
+    """ref_logp (the base with lora=None: the reference policy) when the KL term is on, and old_logp (the policy
+    before this step's updates) when num_iterations > 1; otherwise the loss uses stop_gradient(logp)."""
     if hp.beta:
         ro["ref_logp"] = rollout_logprobs(params, cfg, None, ro, temperature=hp.temperature,
                                           micro_batch=hp.micro_batch)
     if hp.num_iterations > 1:
         ro["old_logp"] = rollout_logprobs(params, cfg, lora, ro, temperature=hp.temperature,
                                           micro_batch=hp.micro_batch)
-    logp_s = time.perf_counter() - t2
 
-    r0 = state["round0"]
+
+def rollout_metrics(r0: dict, reward_metrics: dict, dyn_metrics: dict, G: int, times: dict) -> dict:
+    """The step's rollout metrics, from round 0 (the step's own prompts): rewards per component and domain,
+    strict format and accuracy, lengths, timings; the TRL names beside ours where they mean the same."""
     components = {k.split("/", 1)[1]: v for k, v in r0.items() if k.startswith("component/")}
     lengths = r0["lengths"].astype(np.float64)
     zero_std = zero_std_fraction(r0["rewards"], G)
-    metrics = {**{k: v for k, v in state["reward_metrics"].items() if np.isscalar(v)},
-               **_reward_metrics(r0["rewards"], components, r0["records"]), **text_metrics(r0["texts"], r0["records"]),
-               "frac_reward_zero_std": zero_std, "zero_std_groups": zero_std, **dyn_metrics,
-               "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
-               "completions/mean_length": float(lengths.mean()), "truncated_frac": float(1.0 - r0["stopped"].mean()),
-               "completions/clipped_ratio": float(1.0 - r0["stopped"].mean()), "sample_s": state["sample_s"],
-               "reward_s": state["reward_s"], "ref_logp_s": logp_s,
-               "sample_tokens_per_s": float(lengths.sum()) / max(state["sample_s"], 1e-9)}
-    return ro, rows["texts"], metrics, state["prob"]
+    clipped = float(1.0 - r0["stopped"].mean())
+    return {**{k: v for k, v in reward_metrics.items() if np.isscalar(v)},
+            **_reward_metrics(r0["rewards"], components, r0["records"]), **text_metrics(r0["texts"], r0["records"]),
+            "frac_reward_zero_std": zero_std, "zero_std_groups": zero_std, **dyn_metrics,
+            "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
+            "completions/mean_length": float(lengths.mean()), "truncated_frac": clipped,
+            "completions/clipped_ratio": clipped, **times,
+            "sample_tokens_per_s": float(lengths.sum()) / max(times["sample_s"], 1e-9)}
