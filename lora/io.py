@@ -27,11 +27,17 @@ FORMAT = "nanotunix-lora"
 VERSION = 1
 # Config fields that do not change what the adapters compute: excluded from the model fingerprint.
 _NOT_ARCHITECTURE = ("param_dtype", "scan_layers", "remat", "logits_chunk")
+# Gemma 4 fields: left out of the fingerprint at their defaults, so a Gemma 1-3 digest is what it was before.
+_GEMMA4_FIELDS = ("norm_plus_one", "per_layer_input_dim", "per_layer_vocab_size", "num_kv_shared_layers",
+                  "global_head_dim", "num_global_kv_heads", "attention_k_eq_v", "use_value_norm",
+                  "global_rope_fraction", "double_wide_mlp", "use_layer_scalar")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GemmaConfig)}
 
 
 def model_fingerprint(cfg: GemmaConfig) -> tuple[dict, str]:
     """(the architecture fields of cfg, a short sha256 of them). Adapters only fit a model with equal fields."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_ARCHITECTURE}
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_ARCHITECTURE
+              and not (k in _GEMMA4_FIELDS and v == _DEFAULTS[k])}
     # Numbers as floats so that 24 (a preset) and 24.0 (read from an HF config.json) fingerprint alike.
     norm = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in fields.items()}
     digest = hashlib.sha256(json.dumps(norm, sort_keys=True).encode()).hexdigest()[:16]
