@@ -80,7 +80,8 @@ _FLOAT_NAMES = ("float32", "bfloat16", "float16")
 # Gemma3ForConditionalGeneration: text-tower prefixes (-> "model."), and the prefixes of what we skip.
 _TEXT_TOWER_PREFIXES = ("language_model.model.", "model.language_model.")
 _TEXT_TOWER_LM_HEAD = ("language_model.lm_head.weight", "lm_head.weight")
-_NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+                      "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")  # the last 3: Gemma 4
 TUNIX_PADDED_VOCAB = 256_128  # Tunix's embedding rows for real Gemma checkpoints
 GEMMA_VOCAB = 256_000  # the real tokenizer's vocabulary
 
@@ -294,9 +295,10 @@ def _hf_tensor_files(path: str) -> dict:
     return out
 
 
-def _text_tower(files: dict, path: str) -> dict:
-    """A Gemma3ForConditionalGeneration file's tensors renamed to Gemma3ForCausalLM names (module docstring);
-    the vision tower and projector are dropped, with one printed line. Each entry gains the stored name:
+def _text_tower(files: dict, path: str, model_type: str = "gemma3") -> dict:
+    """A Gemma3ForConditionalGeneration (or Gemma4ForConditionalGeneration) file's tensors renamed to
+    Gemma3ForCausalLM (Gemma4ForCausalLM) names (module docstring); the vision (and Gemma 4 audio) towers and
+    their projectors are dropped, with one printed line. Each entry gains the stored name:
     new name -> (file, header entry, name in the file)."""
     out, skipped = {}, 0
     for name, entry in files.items():
@@ -309,9 +311,10 @@ def _text_tower(files: dict, path: str) -> dict:
             skipped += 1
         else:
             raise ValueError(f"tensor {name!r} in {entry[0]}: neither the text tower ({_TEXT_TOWER_PREFIXES}) nor "
-                             f"the vision tower ({_NON_TEXT_PREFIXES}) of a Gemma 3 multimodal checkpoint")
-    print(f"load_hf: {path}: multimodal Gemma 3, read the text tower ({len(out)} tensors), skipped {skipped} "
-          "vision tensors")
+                             f"the vision/audio towers ({_NON_TEXT_PREFIXES}) of a multimodal Gemma checkpoint")
+    what = "vision" if model_type == "gemma3" else "vision/audio"
+    print(f"load_hf: {path}: multimodal {model_type}, read the text tower ({len(out)} tensors), skipped {skipped} "
+          f"{what} tensors")
     return out
 
 
@@ -328,11 +331,12 @@ def load_hf(path, dtype=None) -> tuple[GemmaConfig, dict]:
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
     embed_rows, stored = None, {}
-    if raw.get("model_type") == "gemma3":
-        files = _text_tower(files, path)
+    if raw.get("model_type") in ("gemma3", "gemma4"):
+        files = _text_tower(files, path, raw["model_type"])
         stored = {name: entry[2] for name, entry in files.items()}
         files = {name: entry[:2] for name, entry in files.items()}
-        embed_rows = int(raw["text_config"]["vocab_size"])
+        if raw["model_type"] == "gemma3":  # Gemma 4's text embedding has no image rows padded in
+            embed_rows = int(raw["text_config"]["vocab_size"])
     expected = _hf_name_map(cfg, embed_rows)
     unknown = sorted(n for n in files if n not in expected and n != "lm_head.weight")
     if unknown:

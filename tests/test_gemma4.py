@@ -192,3 +192,27 @@ def test_multimodal_config_reads_the_text_config():
 
     mm = Gemma4Config(text_config=_hf_config(_ALL).to_dict()).to_dict()
     assert config_from_hf(mm) == _ALL
+
+
+def test_multimodal_text_tower_loads(tmp_path, capsys):
+    """A Gemma4ForConditionalGeneration file with vision and audio towers: the text tower is read (the towers and
+    their embedders skipped, one log line), logits equal the multimodal model's on text."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=8)
+    audio = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    mm = Gemma4Config(text_config=_hf_config(_ALL).to_dict(), vision_config=vision, audio_config=audio)
+    model = _randomize(Gemma4ForConditionalGeneration(mm), seed=2)
+    model.config._attn_implementation = "eager"
+    model.config.text_config._attn_implementation = "eager"
+    model.save_pretrained(tmp_path)
+    cfg, params = g.load_checkpoint(tmp_path)
+    log = capsys.readouterr().out
+    n_other = sum(1 for n in model.state_dict() if "language_model" not in n and n != "lm_head.weight")
+    assert f"skipped {n_other} vision/audio tensors" in log and n_other > 10
+    assert cfg == _ALL
+    tokens, mask = _batch()
+    diff = np.abs(_ours(params, cfg, tokens, mask) - _hf_logits(model, tokens, mask))[mask].max()
+    print(f"gemma4 multimodal text tower: max |logits - transformers| = {diff:.2e}")
+    assert diff <= 1e-4, diff
