@@ -260,9 +260,14 @@ def init_cache(cfg: GemmaConfig, batch: int, max_len: int, dtype=None) -> dict:
     """
     dtype = dtype or cfg.dtype
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.layer_list:  # Gemma 4: a tuple over layers of [B,S,K,H] in each layer's shape; None for KV-shared layers
+        shapes = [(batch, max_len, kind.kv_heads, kind.head_dim) if kind.has_kv else None for kind in layer_kinds(cfg)]
+        k = v = tuple(None if s is None else jnp.zeros(s, dtype) for s in shapes)
+    else:
+        k = v = jnp.zeros(shape, dtype)
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": k,
+        "v": v,
         "pos": jnp.zeros((batch, max_len), jnp.int32),
         "valid": jnp.zeros((batch, max_len), bool),
         "index": jnp.zeros((), jnp.int32),
@@ -487,26 +492,31 @@ def per_layer_inputs(params, tokens_BT, x_BTD, cfg):
     return (proj_BTLP + tok_BTLP) * jnp.asarray(2.0 ** -0.5, x_BTD.dtype)
 
 
-def _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, mask_g, mask_l):
-    """Gemma 4's layers, unrolled in Python. Why not the layer scan: the layers differ in shape (global head dim
-    and kv heads, KV-shared layers without k/v weights, double-wide MLPs), and KV-shared layers read another
-    layer's keys/values, so a scan would need padded weights or several scans over runs of equal layers (runs of
-    5 or fewer with the 5:1 pattern). Unrolled is the simplest correct form; compile time grows with depth.
-    Each KV-shared layer attends with the (normed, rotated) keys and values of its LayerKind.kv_source."""
+def _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache=None):
+    """Gemma 4's layers, unrolled in Python; returns (x, per layer its new (k, v), None for KV-shared layers).
+
+    Why not the layer scan: the layers differ in shape (global head dim and kv heads, KV-shared layers without
+    k/v weights, double-wide MLPs), and KV-shared layers read another layer's keys/values, so a scan would need
+    padded weights or several scans over runs of equal layers (runs of 5 or fewer with the 5:1 pattern).
+    Unrolled is the simplest correct form; compile time grows with depth.
+    Each KV-shared layer attends with the (normed, rotated) keys and values of its LayerKind.kv_source: with a
+    cache, the source's cached slots and its new keys/values (HF: the source's full-length cache states)."""
     ple_BTLP = per_layer_inputs(params, tokens_BT, x_BTD, cfg) if cfg.per_layer_input_dim else None
     kv = {}
     for i, (kind, w) in enumerate(zip(layer_kinds(cfg), params["layers"])):
-        mask = mask_l if kind.local else mask_g
+        masks = masks_l if kind.local else masks_g
+        src = i if kind.has_kv else kind.kv_source
+        k_c, v_c = (None, None) if cache is None else (cache["k"][src], cache["v"][src])
 
-        def attend(h, kind=kind, w=w, mask=mask):
-            out, k, v = _attention(cfg, h, w, None, 0.0, positions_BT, kind.local, mask,
+        def attend(h, kind=kind, w=w, masks=masks, k_c=k_c, v_c=v_c):
+            out, k, v = _attention(cfg, h, w, None, 0.0, positions_BT, kind.local, masks[0], k_c, v_c, *masks[1:],
                                    shared_kv=None if kind.has_kv else kv[kind.kv_source])
             return out, (k, v)
 
         with jax.named_scope(f"layer_{i}"):
             x_BTD, kv[i] = _block(cfg, x_BTD, w, None, 0.0, attend,
                                   None if ple_BTLP is None else ple_BTLP[:, :, i])
-    return x_BTD
+    return x_BTD, tuple(kv[i] if kind.has_kv else None for i, kind in enumerate(layer_kinds(cfg)))
 
 
 def unembed(params, h_BTD, cfg):
@@ -558,10 +568,16 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
     is_local_L = jnp.asarray(cfg.is_local_layer)
     x_BTD = embed(params, tokens_BT, cfg)
     if cfg.layer_list:
-        if cache is not None or lora is not None:
-            raise NotImplementedError("Gemma 4: the KV cache and LoRA are not implemented yet (full forward only)")
-        x_BTD = _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, mask_g, mask_l)
-        return rms_norm(x_BTD, params["final_norm"], cfg.norm_eps, cfg.norm_plus_one), None
+        if lora is not None:
+            raise NotImplementedError("Gemma 4: LoRA is not implemented yet")
+        x_BTD, kv_new = _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache)
+        h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
+        if cache is None:
+            return h_BTD, None
+        put = lambda c, new: None if c is None else jax.lax.dynamic_update_slice(c, new, (0, index, 0, 0))  # noqa
+        return h_BTD, {"k": tuple(put(c, None if n is None else n[0]) for c, n in zip(cache["k"], kv_new)),
+                       "v": tuple(put(c, None if n is None else n[1]) for c, n in zip(cache["v"], kv_new)),
+                       "pos": k_pos_BS, "valid": k_valid_BS, "index": index + T}
 
     def layer(x, xs):
         w, lora_layer, is_local, k_c, v_c = xs

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, Gemma4ForCausalLM, Gemma4TextConf
 import gemma_jax as g
 from gemma_jax import config as C
 from gemma_jax.config import config_from_hf, config_to_hf
-from gemma_jax.model import abstract_params, count_params, forward, init_params, layer_kinds
+from gemma_jax.model import abstract_params, count_params, forward, init_cache, init_params, layer_kinds
 
 T = 20
 _ALL = C.TINY_GEMMA4
@@ -215,4 +215,25 @@ def test_multimodal_text_tower_loads(tmp_path, capsys):
     tokens, mask = _batch()
     diff = np.abs(_ours(params, cfg, tokens, mask) - _hf_logits(model, tokens, mask))[mask].max()
     print(f"gemma4 multimodal text tower: max |logits - transformers| = {diff:.2e}")
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("name", ["all", "no_kv_sharing"])
+def test_kv_cache_prefill_then_decode_equals_full_forward(name):
+    """model.forward with a cache: a 12-token left-padded prefill then one token at a time past the window (8);
+    KV-shared layers read their source layer's cache and new keys."""
+    cfg = CASES[name]
+    params = _random_params(cfg, 6)
+    tokens, mask = _batch()
+    full = _ours(params, cfg, tokens, mask)
+    cache = init_cache(cfg, 2, T)
+    assert [c is None for c in cache["k"]] == [k.kv_source >= 0 for k in layer_kinds(cfg)]
+    logits, cache = forward(params, jnp.asarray(tokens[:, :12]), cfg, pad_mask_BT=jnp.asarray(mask[:, :12]),
+                            cache=cache)
+    steps = [logits]
+    for t in range(12, T):
+        logits, cache = forward(params, jnp.asarray(tokens[:, t:t + 1]), cfg, cache=cache)
+        steps.append(logits)
+    diff = np.abs(np.concatenate([np.asarray(s) for s in steps], axis=1) - full)[mask].max()
+    print(f"gemma4 cache {name}: max |prefill+decode - full forward| = {diff:.2e}")
     assert diff <= 1e-4, diff
