@@ -22,6 +22,7 @@ import gemma_jax as g
 from gemma_jax import config as C
 from gemma_jax.config import config_from_hf, config_to_hf
 from gemma_jax.model import abstract_params, count_params, forward, init_cache, init_params, layer_kinds
+from gemma_jax.sampler import generate
 
 T = 20
 _ALL = C.TINY_GEMMA4
@@ -237,3 +238,58 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(name):
     diff = np.abs(np.concatenate([np.asarray(s) for s in steps], axis=1) - full)[mask].max()
     print(f"gemma4 cache {name}: max |prefill+decode - full forward| = {diff:.2e}")
     assert diff <= 1e-4, diff
+
+
+def test_greedy_equals_transformers_generate_left_padded(hf_case):
+    """The sampler (gemma_jax/decode.py one-token steps, KV-shared layers reading their source's buffers): more
+    new tokens (14) than the window (8), prompts of 3 and 6 tokens left-padded in one batch."""
+    name, cfg, model, path = hf_case
+    if name not in ("all", "no_kv_sharing"):
+        pytest.skip("two cases are enough")
+    _, params = g.load_checkpoint(path)
+    prompts = [[2, 17, 99, 45, 300, 8], [2, 77, 5]]
+    N = 14
+    out = generate(params, cfg, prompts, max_new_tokens=N, temperature=0.0, stop_ids=(1,))
+    P = max(map(len, prompts))
+    ids = np.zeros((2, P), np.int64)
+    am = np.zeros((2, P), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):], am[i, P - len(p):] = p, 1
+    with torch.no_grad():
+        ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am), max_new_tokens=N,
+                             do_sample=False, pad_token_id=0, eos_token_id=1)[:, P:].numpy()
+    ref = np.pad(ref, ((0, 0), (0, N - ref.shape[1])))
+    assert np.array_equal(out.tokens, ref), (out.tokens, ref)
+
+
+def test_sharded_forward_and_cache_equal_unsharded():
+    """Per-layer weights and per-layer cache buffers get their declared shardings on a 4 x 2 fake mesh; the
+    sharded forward with a cache equals the unsharded one."""
+    from gemma_jax.sharding import cache_shardings, make_mesh, param_shardings
+
+    cfg = _ALL
+    mesh = make_mesh("fsdp=4,tp=2")
+    params = _random_params(cfg, 7)
+    sh = param_shardings(cfg, mesh)
+    assert sh["layers"][0]["q"].spec == jax.sharding.PartitionSpec("fsdp", "tp", None)
+    tokens, mask = _batch()
+    cache = init_cache(cfg, 2, T)
+    ref, ref_cache = forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask), cache=cache)
+    placed = jax.device_put(params, sh)
+    placed_cache = jax.device_put(cache, cache_shardings(cache, mesh))
+    got, got_cache = jax.jit(lambda p, c: forward(p, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask),
+                                                  cache=c))(placed, placed_cache)
+    # jit and sharding reorder float32 sums: equal within the parity tolerance, not bit for bit.
+    assert np.abs(np.asarray(got) - np.asarray(ref))[mask].max() <= 1e-4
+    assert np.abs(np.asarray(got_cache["k"][0]) - np.asarray(ref_cache["k"][0])).max() <= 1e-4
+    assert got_cache["k"][3] is None
+
+
+def test_old_adapter_fingerprints_unchanged():
+    """The Gemma 4 fields at their defaults stay out of lora/io.py's model fingerprint: these digests are the ones
+    computed before the fields existed (commit 2ac7ce7)."""
+    from lora.io import model_fingerprint
+
+    assert model_fingerprint(C.TINY)[1] == "28f1e5233ce9ef80"
+    assert model_fingerprint(C.GEMMA3_1B)[1] == "c7ca16fd5b7b5bb2"
+    assert model_fingerprint(_ALL)[1] != model_fingerprint(dataclasses.replace(_ALL, num_kv_shared_layers=0))[1]
