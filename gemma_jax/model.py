@@ -209,12 +209,43 @@ def lora_specs(cfg: GemmaConfig, rank: int, targets) -> dict:
                 raise ValueError(f"LoRA targets {adapted[w]!r} and {name!r} both adapt {w!r}: use either the fused "
                                  "'kv' adapter or separate 'k'/'v', not both")
             adapted[w] = name
+        if cfg.layer_list:
+            out[name] = _gemma4_lora_specs(cfg, name, rank)
+            continue
         a_axes, b_axes = lora_axes(name)
         size = {**sizes, "C": len(t.adds_to)}
         a_shape, b_shape = (tuple(size[c] for c in "L" + letters) for letters in (t.a, t.b))
         out[name] = {"a": ParamSpec(a_shape, a_axes, "he_uniform", math.prod(a_shape[1:-1])),
                      "b": ParamSpec(b_shape, b_axes, "zeros")}
     return out
+
+
+def _gemma4_lora_specs(cfg: GemmaConfig, name: str, rank: int) -> dict:
+    """Gemma 4: {"a": tuple over layers, "b": tuple over layers} of per-layer ParamSpecs (no L axis) in each
+    layer's own shapes, None on layers that lack a weight the adapter adds to (k, v, kv on KV-shared layers; v, kv
+    on k = v layers, whose values are the k projection and so follow a 'k' adapter)."""
+    t = lora_target(name)
+    a_axes, b_axes = (axes[1:] for axes in lora_axes(name))
+    a_out, b_out = [], []
+    for kind, w in zip(layer_kinds(cfg), param_specs(cfg)["layers"]):
+        if any(x not in w for x in t.adds_to):
+            a_out.append(None)
+            b_out.append(None)
+            continue
+        size = {"D": cfg.embed_dim, "F": kind.hidden, "N": cfg.num_heads, "K": kind.kv_heads, "H": kind.head_dim,
+                "R": rank, "C": len(t.adds_to)}
+        a_shape, b_shape = (tuple(size[c] for c in letters) for letters in (t.a, t.b))
+        a_out.append(ParamSpec(a_shape, a_axes, "he_uniform", math.prod(a_shape[:-1])))
+        b_out.append(ParamSpec(b_shape, b_axes, "zeros"))
+    return {"a": tuple(a_out), "b": tuple(b_out)}
+
+
+def lora_layer_slice(lora_layers, i):
+    """Layer i's adapters {name: {"a", "b"}} from stacked [L, ...] adapters or Gemma 4's per-layer tuples (names
+    without an adapter on that layer left out); None without adapters."""
+    if lora_layers is None:
+        return None
+    return {n: {"a": ab["a"][i], "b": ab["b"][i]} for n, ab in lora_layers.items() if ab["a"][i] is not None}
 
 
 def _is_spec(x):
@@ -492,7 +523,7 @@ def per_layer_inputs(params, tokens_BT, x_BTD, cfg):
     return (proj_BTLP + tok_BTLP) * jnp.asarray(2.0 ** -0.5, x_BTD.dtype)
 
 
-def _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache=None):
+def _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache=None, lora=None):
     """Gemma 4's layers, unrolled in Python; returns (x, per layer its new (k, v), None for KV-shared layers).
 
     Why not the layer scan: the layers differ in shape (global head dim and kv heads, KV-shared layers without
@@ -507,14 +538,16 @@ def _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l
         masks = masks_l if kind.local else masks_g
         src = i if kind.has_kv else kind.kv_source
         k_c, v_c = (None, None) if cache is None else (cache["k"][src], cache["v"][src])
+        lora_layer = None if lora is None else lora_layer_slice(lora.layers, i)
+        scale = 0.0 if lora is None else lora.scale
 
-        def attend(h, kind=kind, w=w, masks=masks, k_c=k_c, v_c=v_c):
-            out, k, v = _attention(cfg, h, w, None, 0.0, positions_BT, kind.local, masks[0], k_c, v_c, *masks[1:],
-                                   shared_kv=None if kind.has_kv else kv[kind.kv_source])
+        def attend(h, kind=kind, w=w, masks=masks, k_c=k_c, v_c=v_c, lora_layer=lora_layer, scale=scale):
+            out, k, v = _attention(cfg, h, w, lora_layer, scale, positions_BT, kind.local, masks[0], k_c, v_c,
+                                   *masks[1:], shared_kv=None if kind.has_kv else kv[kind.kv_source])
             return out, (k, v)
 
         with jax.named_scope(f"layer_{i}"):
-            x_BTD, kv[i] = _block(cfg, x_BTD, w, None, 0.0, attend,
+            x_BTD, kv[i] = _block(cfg, x_BTD, w, lora_layer, scale, attend,
                                   None if ple_BTLP is None else ple_BTLP[:, :, i])
     return x_BTD, tuple(kv[i] if kind.has_kv else None for i, kind in enumerate(layer_kinds(cfg)))
 
@@ -568,9 +601,7 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
     is_local_L = jnp.asarray(cfg.is_local_layer)
     x_BTD = embed(params, tokens_BT, cfg)
     if cfg.layer_list:
-        if lora is not None:
-            raise NotImplementedError("Gemma 4: LoRA is not implemented yet")
-        x_BTD, kv_new = _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache)
+        x_BTD, kv_new = _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache, lora)
         h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
         if cache is None:
             return h_BTD, None

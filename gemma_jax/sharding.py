@@ -174,6 +174,10 @@ def lora_shardings(lora, mesh: Mesh, rules=None):
     layers = {}
     for name, ab in lora.layers.items():
         a_axes, b_axes = lora_axes(name)
+        if isinstance(ab["a"], tuple):  # Gemma 4: per-layer adapters, no L axis
+            layers[name] = {k: tuple(None if x is None else named_sharding(axes[1:], x.shape, mesh, rules)
+                                     for x in ab[k]) for k, axes in (("a", a_axes), ("b", b_axes))}
+            continue
         layers[name] = {"a": named_sharding(a_axes, ab["a"].shape, mesh, rules),
                         "b": named_sharding(b_axes, ab["b"].shape, mesh, rules)}
     return type(lora)(layers=layers, scale=lora.scale)

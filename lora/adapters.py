@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import lora_specs, lora_target
+from gemma_jax.model import lora_layer_slice, lora_specs, lora_target
 
 # The projections the Tunix Gemma examples adapt: q_einsum, kv_einsum, gate_proj, up_proj, down_proj.
 DEFAULT_TARGETS = ("q", "kv", "gate", "up", "down")
@@ -51,6 +51,12 @@ def init_lora(cfg: GemmaConfig, rank: int, alpha: float, targets=DEFAULT_TARGETS
     One key per adapter, in the order of `targets`, drawn by its A (B takes none)."""
     specs = lora_specs(cfg, rank, targets)
     keys = jax.random.split(jax.random.key(seed), len(specs))
+    if cfg.layer_list:  # Gemma 4: per-layer tuples (None where the layer lacks the weight); layer i's A: key i
+        layers = {name: {"a": tuple(None if s is None else _init(s, jax.random.fold_in(key, i), dtype)
+                                    for i, s in enumerate(ab["a"])),
+                         "b": tuple(None if s is None else _init(s, None, dtype) for s in ab["b"])}
+                  for key, (name, ab) in zip(keys, specs.items())}
+        return LoRA(layers=layers, scale=float(alpha) / rank)
     layers = {name: {"a": _init(ab["a"], key, dtype), "b": _init(ab["b"], None, dtype)}
               for key, (name, ab) in zip(keys, specs.items())}
     return LoRA(layers=layers, scale=float(alpha) / rank)
@@ -66,6 +72,8 @@ def concat_lora(first: LoRA, second: LoRA) -> LoRA:
 
     x [A1 A2] [[B1], [B2 * s2/s1]] * s1 = x A1 B1 s1 + x A2 B2 s2, exactly (B2 rescaled so one scale serves both).
     Used after GRPO on top of merged SFT adapters, so the saved result loads onto the plain base model."""
+    if any(isinstance(ab["a"], tuple) for ab in first.layers.values()):
+        raise NotImplementedError("concat_lora of Gemma 4 adapters (per-layer tuples) is not implemented yet")
     if set(first.layers) != set(second.layers):
         raise ValueError(f"concat_lora: target sets differ: {sorted(first.layers)} vs {sorted(second.layers)}")
     ratio = second.scale / first.scale
@@ -83,6 +91,8 @@ def merge(params: dict, lora: LoRA) -> dict:
     The einsum contracts R per layer: A's letters and B's letters (gemma_jax.model.LORA_TARGETS) -> the base
     weight's letters, e.g. q: LDR,LRNH->LDNH. The fused kv adapter's C axis goes first: slice c is added to
     adds_to[c] (k, then v)."""
+    if isinstance(params["layers"], list):
+        return _merge_per_layer(params, lora)
     layers = dict(params["layers"])
     for name, ab in lora.layers.items():
         t = lora_target(name)
@@ -93,4 +103,18 @@ def merge(params: dict, lora: LoRA) -> dict:
         deltas = delta if "C" in t.b else delta[None]
         for target, d in zip(t.adds_to, deltas):
             layers[target] = (layers[target].astype(jnp.float32) + d).astype(layers[target].dtype)
+    return {**params, "layers": layers}
+
+
+def _merge_per_layer(params: dict, lora: LoRA) -> dict:
+    """merge for Gemma 4's per-layer weights and adapters (lora_layer_slice picks layer i's)."""
+    layers = [dict(w) for w in params["layers"]]
+    for i, w in enumerate(layers):
+        for name, ab in lora_layer_slice(lora.layers, i).items():
+            t = lora_target(name)
+            a, b = ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32)
+            w_letters = (t.a[:-1] + t.b[1:]).replace("C", "")
+            delta = lora.scale * jnp.einsum(f"{t.a},{t.b}->{('C' if 'C' in t.b else '') + w_letters}", a, b)
+            for target, d in zip(t.adds_to, delta if "C" in t.b else delta[None]):
+                w[target] = (w[target].astype(jnp.float32) + d).astype(w[target].dtype)
     return {**params, "layers": layers}

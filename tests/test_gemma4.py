@@ -293,3 +293,27 @@ def test_old_adapter_fingerprints_unchanged():
     assert model_fingerprint(C.TINY)[1] == "28f1e5233ce9ef80"
     assert model_fingerprint(C.GEMMA3_1B)[1] == "c7ca16fd5b7b5bb2"
     assert model_fingerprint(_ALL)[1] != model_fingerprint(dataclasses.replace(_ALL, num_kv_shared_layers=0))[1]
+
+
+@pytest.mark.parametrize("targets", [("q", "kv", "gate", "up", "down"), ("q", "k", "v", "o")])
+def test_lora_forward_equals_merged_weights(targets):
+    """Per-layer adapters in each layer's shapes (none on k/v/kv of KV-shared layers, none on v/kv of k = v
+    layers): the adapted forward equals the forward of W + scale * A B merged, and every adapter gets a gradient."""
+    from lora import init_lora, merge
+
+    cfg = _ALL
+    params = _random_params(cfg, 8)
+    lora = init_lora(cfg, rank=4, alpha=8.0, targets=targets, seed=1)
+    rng = np.random.RandomState(2)
+    lora = jax.tree.map(lambda x: x if x.shape[0] != 4 else jnp.asarray(0.1 * rng.randn(*x.shape), x.dtype), lora)
+    if "kv" in targets:
+        assert [a is None for a in lora.layers["kv"]["a"]] == [False, False, True, True, True, True]
+        assert lora.layers["q"]["b"][2].shape == (4, 4, 32)
+    tokens, mask = _batch()
+    adapted = np.asarray(forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask), lora=lora)[0])
+    merged = _ours(merge(params, lora), cfg, tokens, mask)
+    base = _ours(params, cfg, tokens, mask)
+    assert np.abs(adapted - merged)[mask].max() <= 1e-4
+    assert np.abs(adapted - base)[mask].max() > 1e-2
+    grads = jax.grad(lambda lo: forward(params, jnp.asarray(tokens), cfg, lora=lo)[0].sum())(lora)
+    assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(grads))
