@@ -1,6 +1,6 @@
 """The one model config dataclass, its presets, and reading a Hugging Face `config.json`.
 
-Every Gemma quirk is a named field so that Gemma 1, 2 and 3 (text) are the same code with different numbers
+Every Gemma quirk is a named field so that Gemma 1, 2, 3 and 4 (text) are the same code with different numbers
 (docs/reference.md#gemma-numerics). The config is frozen and hashable, so it can be a static argument of `jax.jit`.
 
 Gemma 3 against Gemma 2 (transformers `models/gemma3/modeling_gemma3.py`, Tunix `tunix/models/gemma3/model.py`):

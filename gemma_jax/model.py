@@ -1,9 +1,9 @@
-"""Gemma 1, 2 and 3 (text) in plain JAX: weight specs (and which weights carry LoRA adapters), init, KV cache,
+"""Gemma 1, 2, 3 and 4 (dense text) in plain JAX: weight specs (and which weights carry LoRA adapters), init, KV cache,
 and the forward pass.
 
 Dimension letters used in names and einsums throughout the project:
     B batch, T query length, S key length (cache capacity), D model width, N query heads, K kv heads,
-    H head dim, F mlp hidden, V vocab, L layers, R LoRA rank, G group size.
+    H head dim, F mlp hidden, V vocab, L layers, R LoRA rank, G group size, P per-layer input (Gemma 4).
 
 Params are a plain dict pytree. Layer weights are stacked along a leading L axis so the layers can run under
 `lax.scan` (compile time flat in depth):
@@ -18,6 +18,9 @@ sqrt(D) cast to the weight dtype, (1 + w) RMSNorm in float32, half-split RoPE, s
 mask value, float32 softmax, a position-based sliding window (q - W < k <= q), tied and softcapped unembedding.
 Gemma 3 (transformers `models/gemma3/modeling_gemma3.py`): q/k RMSNorm then RoPE with the layer type's base and
 linear scaling; which layers are local comes from `cfg.is_local_layer`.
+Gemma 4 (transformers `models/gemma4/modeling_gemma4.py`; docs/reference.md#gemma-4-dense-text-models): layers of
+different shapes, so params["layers"] is a list of per-layer dicts (`layer_kinds`, `_gemma4_param_specs`) and the
+layers are unrolled (`_gemma4_layers`); P below is the per-layer-embedding width.
 """
 
 import dataclasses
