@@ -26,12 +26,14 @@ DEFAULT_TARGETS = ("q", "kv", "gate", "up", "down")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LoRA:
-    layers: dict  # name -> {"a": [L, ...], "b": [L, ...]}
+    layers: dict  # name -> {"a": [L, ...], "b": [L, ...]}; Gemma 4: tuples over layers (None: no adapter there)
     scale: float = dataclasses.field(metadata=dict(static=True))  # alpha / rank
 
 
 def lora_shapes(cfg: GemmaConfig, rank: int, targets=DEFAULT_TARGETS) -> dict:
     """name -> (A shape, B shape), without the leading L axis (from gemma_jax.model.lora_specs)."""
+    if cfg.layer_list:
+        raise ValueError("Gemma 4 adapters differ in shape per layer: read gemma_jax.model.lora_specs instead")
     return {n: (ab["a"].shape[1:], ab["b"].shape[1:]) for n, ab in lora_specs(cfg, rank, targets).items()}
 
 
@@ -72,14 +74,19 @@ def concat_lora(first: LoRA, second: LoRA) -> LoRA:
 
     x [A1 A2] [[B1], [B2 * s2/s1]] * s1 = x A1 B1 s1 + x A2 B2 s2, exactly (B2 rescaled so one scale serves both).
     Used after GRPO on top of merged SFT adapters, so the saved result loads onto the plain base model."""
-    if any(isinstance(ab["a"], tuple) for ab in first.layers.values()):
-        raise NotImplementedError("concat_lora of Gemma 4 adapters (per-layer tuples) is not implemented yet")
     if set(first.layers) != set(second.layers):
         raise ValueError(f"concat_lora: target sets differ: {sorted(first.layers)} vs {sorted(second.layers)}")
     ratio = second.scale / first.scale
     layers = {}
     for name, ab in first.layers.items():
         a2, b2 = second.layers[name]["a"], second.layers[name]["b"]
+        if isinstance(ab["a"], tuple):  # Gemma 4 per-layer adapters: A [..., R], B [R, ...]
+            layers[name] = {
+                "a": tuple(None if x is None else jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
+                           for x, y in zip(ab["a"], a2)),
+                "b": tuple(None if x is None else jnp.concatenate([x, (y * ratio).astype(x.dtype)], axis=0)
+                           for x, y in zip(ab["b"], b2))}
+            continue
         layers[name] = {"a": jnp.concatenate([ab["a"], a2.astype(ab["a"].dtype)], axis=-1),
                         "b": jnp.concatenate([ab["b"], (b2 * ratio).astype(ab["b"].dtype)], axis=1)}
     return LoRA(layers=layers, scale=first.scale)

@@ -299,7 +299,7 @@ def test_old_adapter_fingerprints_unchanged():
 def test_lora_forward_equals_merged_weights(targets):
     """Per-layer adapters in each layer's shapes (none on k/v/kv of KV-shared layers, none on v/kv of k = v
     layers): the adapted forward equals the forward of W + scale * A B merged, and every adapter gets a gradient."""
-    from lora import init_lora, merge
+    from lora import concat_lora, init_lora, merge
 
     cfg = _ALL
     params = _random_params(cfg, 8)
@@ -315,5 +315,24 @@ def test_lora_forward_equals_merged_weights(targets):
     base = _ours(params, cfg, tokens, mask)
     assert np.abs(adapted - merged)[mask].max() <= 1e-4
     assert np.abs(adapted - base)[mask].max() > 1e-2
+    second = jax.tree.map(lambda x: 0.5 * x, lora)  # concat_lora(first, second) = both applied together
+    both = np.asarray(forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask),
+                              lora=concat_lora(lora, second))[0])
+    assert np.abs(both - _ours(merge(merge(params, lora), second), cfg, tokens, mask))[mask].max() <= 1e-4
     grads = jax.grad(lambda lo: forward(params, jnp.asarray(tokens), cfg, lora=lo)[0].sum())(lora)
     assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(grads))
+
+
+def test_lora_adapters_save_and_load_round_trip(tmp_path):
+    """Per-layer adapters written as "{target}.{i}.a|b" (only layers that carry them) and read back exactly; a
+    config without KV sharing (more k/v adapters) is refused by name."""
+    from lora import init_lora
+    from lora.io import load_adapters, save_adapters
+
+    lora = init_lora(_ALL, rank=4, alpha=8.0, targets=("q", "kv", "down"), seed=3)
+    save_adapters(tmp_path, lora, _ALL)
+    back = load_adapters(tmp_path, _ALL, rank=4, alpha=8.0)
+    assert jax.tree.structure(back) == jax.tree.structure(lora)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(back)))
+    with pytest.raises(ValueError, match="num_kv_shared_layers"):
+        load_adapters(tmp_path, dataclasses.replace(_ALL, num_kv_shared_layers=0))
