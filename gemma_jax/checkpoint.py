@@ -72,7 +72,7 @@ from gemma_jax.config import (
     config_from_hf,
     config_to_hf,
 )
-from gemma_jax.model import param_specs
+from gemma_jax.model import layer_kinds, param_specs
 
 _ST_TO_NP = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
 _NP_TO_ST = {v.name: k for k, v in _ST_TO_NP.items()}
@@ -80,7 +80,8 @@ _FLOAT_NAMES = ("float32", "bfloat16", "float16")
 # Gemma3ForConditionalGeneration: text-tower prefixes (-> "model."), and the prefixes of what we skip.
 _TEXT_TOWER_PREFIXES = ("language_model.model.", "model.language_model.")
 _TEXT_TOWER_LM_HEAD = ("language_model.lm_head.weight", "lm_head.weight")
-_NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+                      "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")  # the last 3: Gemma 4
 TUNIX_PADDED_VOCAB = 256_128  # Tunix's embedding rows for real Gemma checkpoints
 GEMMA_VOCAB = 256_000  # the real tokenizer's vocabulary
 
@@ -97,13 +98,19 @@ def _dtype_name(dtype) -> str | None:
 def _empty_params(cfg: GemmaConfig) -> dict:
     """Uninitialised numpy arrays with the shapes of param_specs(cfg): every one is filled by a loader."""
     dtype = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
-    specs = param_specs(cfg)
-    return {"embed": np.empty(specs["embed"].shape, dtype), "final_norm": np.empty(specs["final_norm"].shape, dtype),
-            "layers": {k: np.empty(s.shape, dtype) for k, s in specs["layers"].items()}}
+    return jax.tree.map(lambda s: np.empty(s.shape, dtype), param_specs(cfg), is_leaf=lambda x: hasattr(x, "axes"))
 
 
 def _to_jax(params: dict) -> dict:
     """numpy -> jax arrays one leaf at a time, dropping each numpy array as soon as it is copied."""
+    if isinstance(params["layers"], list):  # Gemma 4: a list of per-layer dicts
+        layers = params.pop("layers")
+        out = {key: jnp.asarray(params.pop(key)) for key in list(params)}
+        out["layers"] = []
+        while layers:
+            layer = layers.pop(0)
+            out["layers"].append({key: jnp.asarray(layer.pop(key)) for key in list(layer)})
+        return out
     out = {"layers": {}}
     for key in ("embed", "final_norm"):
         out[key] = jnp.asarray(params.pop(key))
@@ -144,10 +151,79 @@ def _hf_name_map(cfg: GemmaConfig, embed_rows: int | None = None) -> dict:
         per_layer["self_attn.k_norm.weight"] = ("k_norm", (H,))
     out = {"model.embed_tokens.weight": ("embed", None, (embed_rows or cfg.vocab_size, D)),
            "model.norm.weight": ("final_norm", None, (D,))}
+    if cfg.layer_list:
+        return {**out, **_hf_gemma4_names(cfg)}
     for i in range(cfg.num_layers):
         for suffix, (ours, shape) in per_layer.items():
             out[f"model.layers.{i}.{suffix}"] = (ours, i, shape)
     return out
+
+
+def _hf_gemma4_names(cfg: GemmaConfig) -> dict:
+    """Gemma 4 (transformers Gemma4ForCausalLM) names past the embedding and final norm: each layer's own shapes
+    (gemma_jax.model.layer_kinds); KV-shared layers have no k/v/k_norm tensors; v_norm has no weight; PLE tensors
+    and layer_scalar [1] (a buffer in transformers, saved with the weights)."""
+    D, N, P, L = cfg.embed_dim, cfg.num_heads, cfg.per_layer_input_dim, cfg.num_layers
+    out = {}
+    if P:
+        out["model.embed_tokens_per_layer.weight"] = ("per_layer_embed", None,
+                                                      (cfg.per_layer_vocab_size or cfg.vocab_size, L * P))
+        out["model.per_layer_model_projection.weight"] = ("per_layer_proj", None, (L * P, D))
+        out["model.per_layer_projection_norm.weight"] = ("per_layer_proj_norm", None, (P,))
+    for i, kind in enumerate(layer_kinds(cfg)):
+        H, K, F = kind.head_dim, kind.kv_heads, kind.hidden
+        names = {
+            "self_attn.q_proj.weight": ("q", (N * H, D)), "self_attn.o_proj.weight": ("o", (D, N * H)),
+            "self_attn.q_norm.weight": ("q_norm", (H,)),
+            "mlp.gate_proj.weight": ("gate", (F, D)), "mlp.up_proj.weight": ("up", (F, D)),
+            "mlp.down_proj.weight": ("down", (D, F)),
+            "input_layernorm.weight": ("attn_norm", (D,)), "post_attention_layernorm.weight": ("post_attn_norm", (D,)),
+            "pre_feedforward_layernorm.weight": ("ffw_norm", (D,)),
+            "post_feedforward_layernorm.weight": ("post_ffw_norm", (D,)),
+        }
+        if kind.has_kv:
+            names["self_attn.k_proj.weight"] = ("k", (K * H, D))
+            names["self_attn.k_norm.weight"] = ("k_norm", (H,))
+            if not kind.k_eq_v:
+                names["self_attn.v_proj.weight"] = ("v", (K * H, D))
+        if P:
+            names.update({"per_layer_input_gate.weight": ("ple_gate", (P, D)),
+                          "per_layer_projection.weight": ("ple_proj", (D, P)),
+                          "post_per_layer_input_norm.weight": ("ple_norm", (D,))})
+        if cfg.use_layer_scalar:
+            names["layer_scalar"] = ("layer_scalar", (1,))
+        out.update({f"model.layers.{i}.{suffix}": (ours, i, shape) for suffix, (ours, shape) in names.items()})
+    return out
+
+
+def _place(params, ours, i, w):
+    """Write the HF tensor w into our params at (ours, layer i or None), converting its layout."""
+    if i is None:
+        target = params[ours]
+        if ours == "per_layer_embed":  # [Vp, L*P] -> [Vp, L, P]
+            target[...] = w.reshape(target.shape)
+        elif ours == "per_layer_proj":  # a linear [L*P, D] -> [D, L, P]
+            target[...] = _hf_to_ours(w, target.shape)
+        else:
+            target[...] = w[: target.shape[0]]  # the embedding: drop padded rows (Gemma 3 multimodal)
+    elif isinstance(params["layers"], list):
+        target = params["layers"][i][ours]
+        target[...] = _hf_to_ours(w, target.shape)
+    else:
+        target = params["layers"][ours]
+        target[i] = _hf_to_ours(w, target.shape[1:])
+
+
+def _take(params, ours, i, hf_shape):
+    """The HF tensor at (ours, layer i or None): the inverse of _place."""
+    if i is None:
+        x = np.asarray(params[ours])
+        if ours == "per_layer_embed":
+            return x.reshape(hf_shape)
+        return _ours_to_hf(x, hf_shape) if ours == "per_layer_proj" else x  # the embedding is stored as it is
+    if isinstance(params["layers"], list):
+        return _ours_to_hf(np.asarray(params["layers"][i][ours]), hf_shape)
+    return _ours_to_hf(np.asarray(params["layers"][ours][i]), hf_shape)
 
 
 def _hf_to_ours(w, our_shape):
@@ -219,9 +295,10 @@ def _hf_tensor_files(path: str) -> dict:
     return out
 
 
-def _text_tower(files: dict, path: str) -> dict:
-    """A Gemma3ForConditionalGeneration file's tensors renamed to Gemma3ForCausalLM names (module docstring);
-    the vision tower and projector are dropped, with one printed line. Each entry gains the stored name:
+def _text_tower(files: dict, path: str, model_type: str = "gemma3") -> dict:
+    """A Gemma3ForConditionalGeneration (or Gemma4ForConditionalGeneration) file's tensors renamed to
+    Gemma3ForCausalLM (Gemma4ForCausalLM) names (module docstring); the vision (and Gemma 4 audio) towers and
+    their projectors are dropped, with one printed line. Each entry gains the stored name:
     new name -> (file, header entry, name in the file)."""
     out, skipped = {}, 0
     for name, entry in files.items():
@@ -234,9 +311,10 @@ def _text_tower(files: dict, path: str) -> dict:
             skipped += 1
         else:
             raise ValueError(f"tensor {name!r} in {entry[0]}: neither the text tower ({_TEXT_TOWER_PREFIXES}) nor "
-                             f"the vision tower ({_NON_TEXT_PREFIXES}) of a Gemma 3 multimodal checkpoint")
-    print(f"load_hf: {path}: multimodal Gemma 3, read the text tower ({len(out)} tensors), skipped {skipped} "
-          "vision tensors")
+                             f"the vision/audio towers ({_NON_TEXT_PREFIXES}) of a multimodal Gemma checkpoint")
+    what = "vision" if model_type == "gemma3" else "vision/audio"
+    print(f"load_hf: {path}: multimodal {model_type}, read the text tower ({len(out)} tensors), skipped {skipped} "
+          f"{what} tensors")
     return out
 
 
@@ -253,11 +331,12 @@ def load_hf(path, dtype=None) -> tuple[GemmaConfig, dict]:
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
     embed_rows, stored = None, {}
-    if raw.get("model_type") == "gemma3":
-        files = _text_tower(files, path)
+    if raw.get("model_type") in ("gemma3", "gemma4"):
+        files = _text_tower(files, path, raw["model_type"])
         stored = {name: entry[2] for name, entry in files.items()}
         files = {name: entry[:2] for name, entry in files.items()}
-        embed_rows = int(raw["text_config"]["vocab_size"])
+        if raw["model_type"] == "gemma3":  # Gemma 4's text embedding has no image rows padded in
+            embed_rows = int(raw["text_config"]["vocab_size"])
     expected = _hf_name_map(cfg, embed_rows)
     unknown = sorted(n for n in files if n not in expected and n != "lm_head.weight")
     if unknown:
@@ -287,12 +366,7 @@ def load_hf(path, dtype=None) -> tuple[GemmaConfig, dict]:
                     if name == "lm_head.weight":
                         continue  # checked below, once the embedding is in
                     ours, i, _ = expected[name]
-                    target = params["layers"][ours] if i is not None else params[ours]
-                    w = f.get_tensor(stored.get(name, name))
-                    if i is None:
-                        target[...] = w[: target.shape[0]]  # the embedding: drop padded rows (Gemma 3 multimodal)
-                    else:
-                        target[i] = _hf_to_ours(w, target.shape[1:])
+                    _place(params, ours, i, f.get_tensor(stored.get(name, name)))
         except Exception as e:  # safetensors raises its own SafetensorError on bad files
             if isinstance(e, ValueError):
                 raise
@@ -328,6 +402,19 @@ def _write_safetensors(file: str, entries: list) -> None:
 def _check_params(cfg: GemmaConfig, params: dict) -> str:
     """Raise naming the first param missing or shaped unlike param_specs(cfg); returns the params' dtype name."""
     specs = param_specs(cfg)
+    if cfg.layer_list:
+        want = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: hasattr(x, "axes"))[0]
+        for path, spec in want:
+            try:
+                arr = params
+                for k in path:
+                    arr = arr[k.key if hasattr(k, "key") else k.idx]
+            except (KeyError, IndexError):
+                arr = None
+            if arr is None or tuple(arr.shape) != spec.shape:
+                raise ValueError(f"param {jax.tree_util.keystr(path)}: shape {None if arr is None else arr.shape}, "
+                                 f"expected {spec.shape}")
+        return _dtype_name(params["embed"].dtype)
     for key, spec in [("embed", specs["embed"]), ("final_norm", specs["final_norm"])] + [
             (f"layers/{k}", s) for k, s in specs["layers"].items()]:
         arr = params.get(key) if "/" not in key else params["layers"].get(key[7:])
@@ -345,10 +432,7 @@ def save_hf(path, cfg: GemmaConfig, params: dict) -> None:
     np_dtype = _ST_TO_NP[_NP_TO_ST[dtype]]
     entries = []
     for name, (ours, i, hf_shape) in _hf_name_map(cfg).items():
-        src = params[ours] if i is None else params["layers"][ours]
-        make = (lambda src=src: np.asarray(src)) if i is None else (
-            lambda src=src, i=i, s=hf_shape: _ours_to_hf(np.asarray(src[i]), s))
-        entries.append((name, hf_shape, np_dtype, make))
+        entries.append((name, hf_shape, np_dtype, lambda ours=ours, i=i, s=hf_shape: _take(params, ours, i, s)))
     os.makedirs(path, exist_ok=True)
     _write_safetensors(os.path.join(path, "model.safetensors"), entries)
     hf_cfg = config_to_hf(dataclasses.replace(cfg, param_dtype=dtype))

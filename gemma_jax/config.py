@@ -1,6 +1,6 @@
 """The one model config dataclass, its presets, and reading a Hugging Face `config.json`.
 
-Every Gemma quirk is a named field so that Gemma 1, 2 and 3 (text) are the same code with different numbers
+Every Gemma quirk is a named field so that Gemma 1, 2, 3 and 4 (text) are the same code with different numbers
 (docs/reference.md#gemma-numerics). The config is frozen and hashable, so it can be a static argument of `jax.jit`.
 
 Gemma 3 against Gemma 2 (transformers `models/gemma3/modeling_gemma3.py`, Tunix `tunix/models/gemma3/model.py`):
@@ -51,6 +51,20 @@ class GemmaConfig:
     # presets: a [B*T, 8192] float32 chunk is 32 KiB per token (1/31 of the full logits) and the chunk's
     # [tokens, 8192] x [8192, D] matmuls are still large enough to run at full speed.
     logits_chunk: int | None = None
+    # Gemma 4 text (transformers `models/gemma4/modeling_gemma4.py`, Tunix `tunix/models/gemma4/model.py`). Each
+    # default reproduces Gemma 1-3. Gemma 4's attention scale is 1 (HF `self.scaling = 1.0`: the QK-norm sets the
+    # size of q.k), which is query_pre_attn_scalar = 1; its final softcap is final_logit_softcap (30).
+    norm_plus_one: bool = True  # RMSNorm scale (1 + w); False: w (Gemma4RMSNorm, weights stored around 1)
+    per_layer_input_dim: int = 0  # P of per-layer embeddings (PLE, HF hidden_size_per_layer_input); 0: none
+    per_layer_vocab_size: int | None = None  # rows of the PLE table (HF vocab_size_per_layer_input); None: V
+    num_kv_shared_layers: int = 0  # the last this many layers reuse the k/v of the last earlier same-type layer
+    global_head_dim: int | None = None  # head dim of the global layers (HF global_head_dim); None: head_dim
+    num_global_kv_heads: int | None = None  # kv heads of the global layers (HF: only with attention_k_eq_v)
+    attention_k_eq_v: bool = False  # global layers have no v projection: the raw k projection is the value
+    use_value_norm: bool = False  # RMSNorm over H without scale on values (HF v_norm, with_scale=False)
+    global_rope_fraction: float = 1.0  # proportional RoPE on global layers: rotate this share of H/2 angles
+    double_wide_mlp: bool = False  # the KV-shared layers' MLP hidden is 2F (HF use_double_wide_mlp)
+    use_layer_scalar: bool = False  # each layer's output (the whole residual stream) times a stored scalar [1]
 
     def __post_init__(self):
         if sum(bool(x) for x in (self.local_layer_period, self.sliding_window_pattern, self.layer_types)) > 1:
@@ -62,6 +76,19 @@ class GemmaConfig:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))  # hashable even if given a list
         if self.rope_scaling < 1.0:
             raise ValueError(f"rope_scaling must be >= 1, got {self.rope_scaling}")
+        if self.layer_list and not (self.use_post_norms and self.use_qk_norm):
+            raise ValueError("Gemma 4 features need use_post_norms and use_qk_norm (a Gemma 4 config)")
+        if not 0 <= self.num_kv_shared_layers < self.num_layers:
+            raise ValueError(f"num_kv_shared_layers must be in [0, num_layers), got {self.num_kv_shared_layers}")
+
+    @property
+    def layer_list(self) -> bool:
+        """Gemma 4: layers differ in shape (head dim, kv heads, no k/v, MLP width), so params["layers"] is a list
+        of per-layer dicts and the forward pass unrolls the layers (gemma_jax/model.py `_layer_kinds`)."""
+        return (not self.norm_plus_one or bool(self.per_layer_input_dim) or bool(self.num_kv_shared_layers)
+                or self.global_head_dim is not None or self.num_global_kv_heads is not None or self.attention_k_eq_v
+                or self.use_value_norm or self.global_rope_fraction != 1.0 or self.double_wide_mlp
+                or self.use_layer_scalar)
 
     @property
     def is_local_layer(self) -> tuple[bool, ...]:
@@ -161,6 +188,40 @@ TINY_GEMMA3 = GemmaConfig(
     rope_base=1_000_000.0, rope_local_base=10_000.0, rope_scaling=8.0,
 )
 
+# Gemma 4 dense text towers: Tunix 0.1.7 `tunix/models/gemma4/model.py` ModelConfig.gemma4_e2b / gemma4_e4b /
+# gemma4_31b and its ModelConfig defaults, which agree with transformers 5.12.1 Gemma4TextConfig defaults:
+# global head dim 512 (Tunix global_key_size, HF global_head_dim), proportional RoPE on global layers rotating 1/4
+# of the angles (global_rope_proportion / partial_rotary_factor 0.25), RoPE bases 10k local / 1M global, vocabulary
+# and PLE vocabulary 262,144, final softcap 30 (Tunix default; HF's default is None, the published files set it).
+# KV sharing: Tunix frac_shared_layers 20/35 (E2B: 20 layers) and 18/42 (E4B: 18). Double-wide MLP: Tunix
+# override_kv_shared_ffw_hidden = 2 * hidden_dim, set for E2B only. 31B: Tunix num_global_kv_heads 4 with
+# k_eq_v_global, no PLE. Layer pattern: Tunix attention_pattern (E2B 4 local : 1 global, others 5 : 1).
+# No 12B: neither Tunix 0.1.7 nor transformers 5.12.1 describes a 12B Gemma 4; the 26B-A4B mixture-of-experts
+# model is not implemented here.
+_GEMMA4 = dict(vocab_size=262_144, head_dim=256, query_pre_attn_scalar=1.0, final_logit_softcap=30.0,
+               use_post_norms=True, use_qk_norm=True, rope_base=1_000_000.0, rope_local_base=10_000.0,
+               norm_plus_one=False, global_head_dim=512, use_value_norm=True, global_rope_fraction=0.25,
+               use_layer_scalar=True)
+GEMMA4_E2B = GemmaConfig(num_layers=35, embed_dim=1536, hidden_dim=1536 * 4, num_heads=8, num_kv_heads=1,
+                         sliding_window=512, sliding_window_pattern=5, per_layer_input_dim=256,
+                         num_kv_shared_layers=20, double_wide_mlp=True, **_GEMMA4)
+GEMMA4_E4B = GemmaConfig(num_layers=42, embed_dim=2560, hidden_dim=2560 * 4, num_heads=8, num_kv_heads=2,
+                         sliding_window=512, sliding_window_pattern=6, per_layer_input_dim=256,
+                         num_kv_shared_layers=18, **_GEMMA4)
+GEMMA4_31B = GemmaConfig(num_layers=60, embed_dim=5376, hidden_dim=5376 * 4, num_heads=32, num_kv_heads=16,
+                         num_global_kv_heads=4, attention_k_eq_v=True, sliding_window=1024, sliding_window_pattern=6,
+                         **_GEMMA4)
+
+# Every Gemma 4 feature at tiny size: 6 layers with pattern 3 (layers 2 and 5 global), window 8 < test length,
+# the last 3 layers KV-shared (layer 3 reads layer 1's k/v, layer 4 too, layer 5 reads layer 2's), global head
+# dim 32 != 16 with 1 kv head and k = v, proportional RoPE, double-wide shared MLPs, PLE of width 8.
+TINY_GEMMA4 = GemmaConfig(
+    num_layers=6, embed_dim=64, hidden_dim=96, num_heads=4, num_kv_heads=2, sliding_window=8,
+    sliding_window_pattern=3, per_layer_input_dim=8, num_kv_shared_layers=3,
+    num_global_kv_heads=1, attention_k_eq_v=True, double_wide_mlp=True,
+    **{**_GEMMA4, "vocab_size": 512, "head_dim": 16, "global_head_dim": 32},
+)
+
 # A mid-size config for benchmarks: big enough that matmuls dominate on a CPU.
 MID = dataclasses.replace(
     TINY, num_layers=8, embed_dim=512, hidden_dim=2048, num_heads=8, num_kv_heads=4, head_dim=64,
@@ -188,6 +249,18 @@ _HF_GEMMA3_MM_KEYS = {
     "model_type", "text_config", "vision_config", "architectures", "boi_token_index", "eoi_token_index",
     "image_token_index", "mm_tokens_per_image", "initializer_range", "tie_word_embeddings", "transformers_version",
     "torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path", "use_cache",
+}
+# Gemma 4 text fields (transformers Gemma4TextConfig); the MoE ones are read only to refuse enable_moe_block.
+_HF_GEMMA4_KEYS = {
+    "vocab_size_per_layer_input", "hidden_size_per_layer_input", "num_global_key_value_heads", "global_head_dim",
+    "attention_k_eq_v", "num_kv_shared_layers", "enable_moe_block", "use_double_wide_mlp", "num_experts",
+    "top_k_experts", "moe_intermediate_size",
+}
+# Keys of a multimodal `gemma4` config.json next to its text_config (vision and audio towers are not read).
+_HF_GEMMA4_MM_KEYS = _HF_GEMMA3_MM_KEYS | {
+    "audio_config", "audio_token_id", "boa_token_id", "boi_token_id", "eoa_token_index", "eoi_token_id",
+    "image_token_id", "video_token_id", "chunk_size_feed_forward", "id2label", "label2id", "is_encoder_decoder",
+    "output_attentions", "output_hidden_states", "problem_type", "return_dict",
 }
 GEMMA3_IMAGE_TOKEN_INDEX = 262_144  # transformers Gemma3Config default: the first id past the text vocabulary
 
@@ -225,12 +298,21 @@ def config_from_hf(path_or_dict, *, param_dtype: str | None = None) -> GemmaConf
         raw = {"model_type": "gemma3_text", **({"dtype": dtype_top} if dtype_top else {}), **raw["text_config"]}
         model_type = raw["model_type"]
         source = f"{source} (text_config)"
-    if model_type not in ("gemma", "gemma2", "gemma3_text"):
+    if model_type == "gemma4":  # multimodal: the text tower's embedding is the text vocabulary already
+        unknown = sorted(k for k in raw if k not in _HF_GEMMA4_MM_KEYS)
+        if unknown or not isinstance(raw.get("text_config"), dict):
+            raise ValueError(f"{source}: a 'gemma4' config needs a text_config dict; unknown field(s) {unknown}")
+        dtype_top = raw.get("dtype") or raw.get("torch_dtype")
+        raw = {**({"dtype": dtype_top} if dtype_top else {}), **raw["text_config"], "model_type": "gemma4_text"}
+        model_type = raw["model_type"]
+        source = f"{source} (text_config)"
+    if model_type not in ("gemma", "gemma2", "gemma3_text", "gemma4_text"):
         raise ValueError(f"{source}: model_type must be 'gemma' or 'gemma2', got {model_type!r}; Gemma 3: "
                          "'gemma3_text' (or 'gemma3' with a text_config)")
-    unknown = sorted(k for k in raw if k not in _HF_KNOWN_KEYS)
+    known = _HF_KNOWN_KEYS | (_HF_GEMMA4_KEYS if model_type == "gemma4_text" else set())
+    unknown = sorted(k for k in raw if k not in known)
     if unknown:
-        raise ValueError(f"{source}: unknown config field(s) {unknown}; this loader reads Gemma 1, 2 and 3 only")
+        raise ValueError(f"{source}: unknown config field(s) {unknown}; this loader reads Gemma 1, 2, 3 and 4 only")
 
     def need(key):
         if key not in raw or raw[key] is None:
@@ -266,6 +348,8 @@ def config_from_hf(path_or_dict, *, param_dtype: str | None = None) -> GemmaConf
     )
     if model_type == "gemma3_text":
         return _gemma3_from_hf(raw, source, kw, text_vocab)
+    if model_type == "gemma4_text":
+        return _gemma4_from_hf(raw, source, kw)
     if not is_gemma2:
         return GemmaConfig(query_pre_attn_scalar=head_dim, **kw)
     layer_types = raw.get("layer_types")
@@ -336,6 +420,97 @@ def _gemma3_from_hf(raw, source, kw, text_vocab):
     )
 
 
+def _gemma4_layer_types(raw, L):
+    """(sliding_window_pattern, layer_types) as GemmaConfig fields: a pattern when the file's layer_types is one
+    (global iff (i + 1) % p == 0), else the explicit tuple. transformers' default: pattern 6, last layer global."""
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(L)]
+        layer_types[-1] = "full_attention"
+    layer_types = tuple(layer_types)
+    if "full_attention" in layer_types:
+        p = layer_types.index("full_attention") + 1
+        if layer_types == tuple("full_attention" if (i + 1) % p == 0 else "sliding_attention" for i in range(L)):
+            return p, None
+    return 0, layer_types
+
+
+def _gemma4_from_hf(raw, source, kw):
+    """The Gemma 4 part of config_from_hf (transformers Gemma4TextConfig; dense models only)."""
+    if raw.get("enable_moe_block"):
+        raise ValueError(f"{source}: enable_moe_block is set: the mixture-of-experts Gemma 4 is not supported")
+    if raw.get("use_bidirectional_attention") == "all":
+        raise ValueError(f"{source}: use_bidirectional_attention 'all' is not supported (causal LM only)")
+    # use_bidirectional_attention "vision" only changes image tokens' masks: text is causal either way.
+    if raw.get("sliding_window") is None:
+        raise ValueError(f"{source}: missing required config field 'sliding_window'")
+    rope = raw.get("rope_parameters") or {}
+    full = rope.get("full_attention") or {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                          "rope_theta": 1_000_000.0}
+    local = rope.get("sliding_attention") or {"rope_type": "default", "rope_theta": 10_000.0}
+    if local.get("rope_type", "default") != "default" or full.get("rope_type") not in ("default", "proportional"):
+        raise ValueError(f"{source}: RoPE types {local.get('rope_type')!r} (sliding) / {full.get('rope_type')!r} "
+                         "(full) not supported (default / proportional)")
+    proportional = full["rope_type"] == "proportional"
+    H = kw["head_dim"]
+    global_H = raw.get("global_head_dim", 512) or H  # HF: global layers use global_head_dim when it is set
+    if not proportional and global_H != H:
+        raise ValueError(f"{source}: default RoPE on full_attention layers with global_head_dim {global_H} != "
+                         f"head_dim {H} (transformers sizes that RoPE by head_dim)")
+    k_eq_v = bool(raw.get("attention_k_eq_v", False))
+    global_K = raw.get("num_global_key_value_heads") if k_eq_v else None  # HF reads it only with k_eq_v
+    P = int(raw.get("hidden_size_per_layer_input", 256) or 0)
+    ple_vocab = int(raw.get("vocab_size_per_layer_input", 262_144))
+    pattern, layer_types = _gemma4_layer_types(raw, kw["num_layers"])
+    return GemmaConfig(
+        query_pre_attn_scalar=1.0, final_logit_softcap=raw.get("final_logit_softcapping"),
+        sliding_window=int(raw["sliding_window"]), sliding_window_pattern=pattern, layer_types=layer_types,
+        use_post_norms=True, use_qk_norm=True, norm_plus_one=False, use_value_norm=True, use_layer_scalar=True,
+        **{**kw, "rope_base": float(full.get("rope_theta", 1_000_000.0))},
+        rope_local_base=float(local.get("rope_theta", 10_000.0)),
+        rope_scaling=float(full.get("factor", 1.0)) if proportional else 1.0,
+        global_rope_fraction=float(full.get("partial_rotary_factor", 1.0)) if proportional else 1.0,
+        per_layer_input_dim=P, per_layer_vocab_size=None if not P or ple_vocab == kw["vocab_size"] else ple_vocab,
+        num_kv_shared_layers=int(raw.get("num_kv_shared_layers", 0)),
+        global_head_dim=None if global_H == H else int(global_H),
+        num_global_kv_heads=None if global_K in (None, kw["num_kv_heads"]) else int(global_K),
+        attention_k_eq_v=k_eq_v, double_wide_mlp=bool(raw.get("use_double_wide_mlp", False)),
+    )
+
+
+def _gemma4_to_hf(cfg: GemmaConfig, out: dict) -> dict:
+    if cfg.norm_plus_one or not (cfg.use_value_norm and cfg.use_layer_scalar) or cfg.query_pre_attn_scalar != 1.0:
+        raise ValueError("transformers' Gemma 4 always has w-scaled norms, value norm, layer scalars and attention "
+                         "scale 1 (norm_plus_one False, use_value_norm, use_layer_scalar, query_pre_attn_scalar 1)")
+    if cfg.attn_logit_softcap is not None or cfg.local_layer_period:
+        raise ValueError("a Gemma 4 config has no attention softcap and no local_layer_period")
+    if cfg.num_global_kv_heads is not None and not cfg.attention_k_eq_v:
+        raise ValueError("transformers' Gemma 4 uses num_global_key_value_heads only with attention_k_eq_v")
+    if cfg.rope_scaling != 1.0 and cfg.global_rope_fraction == 1.0:
+        raise ValueError("Gemma 4 RoPE scaling is exported only with proportional RoPE (global_rope_fraction < 1)")
+    full = {"rope_type": "default", "rope_theta": cfg.rope_base}
+    if cfg.global_rope_fraction != 1.0:
+        full = {"rope_type": "proportional", "partial_rotary_factor": cfg.global_rope_fraction,
+                "rope_theta": cfg.rope_base, **({"factor": cfg.rope_scaling} if cfg.rope_scaling != 1.0 else {})}
+    local_base = cfg.rope_base if cfg.rope_local_base is None else cfg.rope_local_base
+    out = {k: v for k, v in out.items() if k != "rope_theta"}
+    out.update(
+        architectures=["Gemma4ForCausalLM"], model_type="gemma4_text",
+        final_logit_softcapping=cfg.final_logit_softcap,
+        sliding_window=cfg.sliding_window if cfg.sliding_window is not None else 512,
+        layer_types=["sliding_attention" if local else "full_attention" for local in cfg.is_local_layer],
+        rope_parameters={"full_attention": full, "sliding_attention": {"rope_type": "default",
+                                                                       "rope_theta": local_base}},
+        hidden_size_per_layer_input=cfg.per_layer_input_dim,
+        vocab_size_per_layer_input=cfg.per_layer_vocab_size or cfg.vocab_size,
+        global_head_dim=cfg.global_head_dim or cfg.head_dim,
+        num_global_key_value_heads=cfg.num_global_kv_heads, attention_k_eq_v=cfg.attention_k_eq_v,
+        num_kv_shared_layers=cfg.num_kv_shared_layers, use_double_wide_mlp=cfg.double_wide_mlp,
+        enable_moe_block=False,
+    )
+    return out
+
+
 def _hf_number(x):
     """transformers 5 validates some fields as ints when they are whole numbers."""
     return int(x) if float(x).is_integer() else x
@@ -382,6 +557,8 @@ def config_to_hf(cfg: GemmaConfig) -> dict:
         "tie_word_embeddings": True,
         "torch_dtype": cfg.param_dtype,
     }
+    if cfg.layer_list:
+        return _gemma4_to_hf(cfg, out)
     if cfg.use_qk_norm:
         return _gemma3_to_hf(cfg, out)
     if cfg.sliding_window_pattern or cfg.layer_types is not None or cfg.rope_local_base is not None \

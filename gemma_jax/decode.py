@@ -35,7 +35,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import MASK_VALUE, _block, _project, _qkv, embed, rms_norm, softcap, unembed
+from gemma_jax.model import (
+    MASK_VALUE,
+    _block,
+    _project,
+    _qkv,
+    embed,
+    layer_kinds,
+    per_layer_inputs,
+    rms_norm,
+    softcap,
+    unembed,
+)
 
 
 def unstack_layers(tree, num_layers):
@@ -57,9 +68,12 @@ def from_prefill(cache, cfg: GemmaConfig, capacity: int):
     Returns a tuple over layers of (k [B,K,H,C], v [B,K,C,H]) with C from `buffer_lengths(cfg, capacity)`:
     column j holds slot (P-1) - ((P-1-j) mod C) when that is >= 0 (a ring keeps the last C slots), else zeros.
     """
-    P = cache["k"].shape[2]
+    P = next(k for k in cache["k"] if k is not None).shape[1]  # [L,B,S,K,H] stacked, or per layer [B,S,K,H]
     out = []
     for layer, C in enumerate(buffer_lengths(cfg, capacity)):
+        if cache["k"][layer] is None:  # Gemma 4 KV-shared layer: it reads its source layer's buffers
+            out.append(None)
+            continue
         slot_C = (P - 1) - np.mod(P - 1 - np.arange(C), C)
         gather = lambda x_BSKH: jnp.where((slot_C >= 0)[None, :, None, None],  # noqa: E731
                                           x_BSKH[:, np.maximum(slot_C, 0)], 0)
@@ -71,29 +85,40 @@ def from_prefill(cache, cfg: GemmaConfig, capacity: int):
 def grow(buffers, cfg: GemmaConfig, capacity: int):
     """Lengthen the linear buffers to `capacity` slots (zeros after the written ones); rings stay as they are."""
     out = []
-    for (k, v), C in zip(buffers, buffer_lengths(cfg, capacity)):
+    for kv, C in zip(buffers, buffer_lengths(cfg, capacity)):
+        if kv is None:
+            out.append(None)
+            continue
+        k, v = kv
         grow_by = C - v.shape[2]
         out.append((jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, grow_by))),
                     jnp.pad(v, ((0, 0), (0, 0), (0, grow_by), (0, 0)))) if grow_by > 0 else (k, v))
     return tuple(out)
 
 
-def _attend_one(cfg, x_B1D, w, lora_layer, scale, pos_B1, is_local, k_BKHC, v_BKCH, col, real_BC):
+def _attend_one(cfg, x_B1D, w, lora_layer, scale, pos_B1, is_local, k_BKHC, v_BKCH, col, real_BC, shared=False):
     """One layer's attention for one new token per row: write its key/value at column `col`, then attend over the
-    buffer's real columns. is_local (a Python bool) picks the layer's RoPE. Returns (output [B,1,D], (k, v))."""
+    buffer's real columns. is_local (a Python bool) picks the layer's RoPE. Returns (output [B,1,D], (k, v)).
+    shared (a Gemma 4 KV-shared layer): the buffers are its source layer's, already written this step; only the
+    queries are computed here."""
     B = x_B1D.shape[0]
-    q_B1KGH, k_B1KH, v_B1KH = _qkv(cfg, x_B1D, w, lora_layer, scale, pos_B1, is_local)
-    k_BKHC = jax.lax.dynamic_update_slice(k_BKHC, jnp.transpose(k_B1KH, (0, 2, 3, 1)).astype(k_BKHC.dtype),
-                                          (0, 0, 0, col))
-    v_BKCH = jax.lax.dynamic_update_slice(v_BKCH, jnp.transpose(v_B1KH, (0, 2, 1, 3)).astype(v_BKCH.dtype),
-                                          (0, 0, col, 0))
+    if shared:
+        K, H = k_BKHC.shape[1:3]
+        placeholder = jnp.zeros((B, 1, K, H), x_B1D.dtype)  # gives _qkv the kv heads to group queries by
+        q_B1KGH, _, _ = _qkv(cfg, x_B1D, w, lora_layer, scale, pos_B1, is_local, (placeholder, placeholder))
+    else:
+        q_B1KGH, k_B1KH, v_B1KH = _qkv(cfg, x_B1D, w, lora_layer, scale, pos_B1, is_local)
+        k_BKHC = jax.lax.dynamic_update_slice(k_BKHC, jnp.transpose(k_B1KH, (0, 2, 3, 1)).astype(k_BKHC.dtype),
+                                              (0, 0, 0, col))
+        v_BKCH = jax.lax.dynamic_update_slice(v_BKCH, jnp.transpose(v_B1KH, (0, 2, 1, 3)).astype(v_BKCH.dtype),
+                                              (0, 0, col, 0))
     q_BKGH = q_B1KGH[:, 0].astype(k_BKHC.dtype)
     s_BKGC = jnp.einsum("BKGH,BKHC->BKGC", q_BKGH, k_BKHC, preferred_element_type=jnp.float32)
     s_BKGC = softcap(s_BKGC, cfg.attn_logit_softcap)  # before masking, as in model._attention
     s_BKGC = jnp.where(real_BC[:, None, None, :], s_BKGC, MASK_VALUE)
     p_BKGC = jax.nn.softmax(s_BKGC, axis=-1).astype(v_BKCH.dtype)
     o_BKGH = jnp.einsum("BKGC,BKCH->BKGH", p_BKGC, v_BKCH)
-    o_B1NH = o_BKGH.reshape(B, 1, cfg.num_heads, cfg.head_dim).astype(x_B1D.dtype)
+    o_B1NH = o_BKGH.reshape(B, 1, cfg.num_heads, q_BKGH.shape[-1]).astype(x_B1D.dtype)
     return _project("o", "BTNH,NHD->BTD", o_B1NH, w["o"], lora_layer, scale), (k_BKHC, v_BKCH)
 
 
@@ -105,19 +130,28 @@ def decode_step(params, layers, lora_layers, lora_scale, tok_B, index, offset_B,
     """
     pos_B1 = (index - offset_B)[:, None].astype(jnp.int32)
     x_B1D = embed(params, tok_B[:, None], cfg)
+    ple_B1LP = per_layer_inputs(params, tok_B[:, None], x_B1D, cfg) if cfg.per_layer_input_dim else None
+    sources = [k.kv_source for k in layer_kinds(cfg)] if cfg.layer_list else [-1] * cfg.num_layers
     real = {}  # buffer length -> [B,C] mask of the columns holding real slots (at most two distinct lengths)
     new_buffers = []
-    for w, lora_layer, is_local, (k_BKHC, v_BKCH) in zip(layers, lora_layers, cfg.is_local_layer, buffers):
+    for i, (w, lora_layer, is_local, kv) in enumerate(zip(layers, lora_layers, cfg.is_local_layer, buffers)):
+        shared = sources[i] >= 0
+        k_BKHC, v_BKCH = new_buffers[sources[i]] if shared else kv
         C = v_BKCH.shape[2]
         if C not in real:
             slot_C = index - jnp.mod(index - jnp.arange(C), C)
             real[C] = slot_C[None, :] >= offset_B[:, None]
         col = jnp.mod(index, C)
 
-        def attend(h, w=w, lora_layer=lora_layer, is_local=is_local, k=k_BKHC, v=v_BKCH, C=C, col=col):
-            return _attend_one(cfg, h, w, lora_layer, lora_scale, pos_B1, is_local, k, v, col, real[C])
+        def attend(h, w=w, lora_layer=lora_layer, is_local=is_local, k=k_BKHC, v=v_BKCH, C=C, col=col,
+                   shared=shared):
+            return _attend_one(cfg, h, w, lora_layer, lora_scale, pos_B1, is_local, k, v, col, real[C], shared)
 
-        x_B1D, kv = _block(cfg, x_B1D, w, lora_layer, lora_scale, attend)
+        x_B1D, kv = _block(cfg, x_B1D, w, lora_layer, lora_scale, attend,
+                           None if ple_B1LP is None else ple_B1LP[:, :, i])
         new_buffers.append(kv)
-    logits_B1V = unembed(params, rms_norm(x_B1D, params["final_norm"], cfg.norm_eps), cfg)
+    # KV-shared layers hand back None: their source's buffers are the ones carried to the next step.
+    new_buffers = [None if s >= 0 else kv for s, kv in zip(sources, new_buffers)]
+    h_B1D = rms_norm(x_B1D, params["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
+    logits_B1V = unembed(params, h_B1D, cfg)
     return logits_B1V[:, 0], tuple(new_buffers)

@@ -1,9 +1,9 @@
-"""Gemma 1, 2 and 3 (text) in plain JAX: weight specs (and which weights carry LoRA adapters), init, KV cache,
+"""Gemma 1, 2, 3 and 4 (dense text) in plain JAX: weight specs (and which weights carry LoRA adapters), init, KV cache,
 and the forward pass.
 
 Dimension letters used in names and einsums throughout the project:
     B batch, T query length, S key length (cache capacity), D model width, N query heads, K kv heads,
-    H head dim, F mlp hidden, V vocab, L layers, R LoRA rank, G group size.
+    H head dim, F mlp hidden, V vocab, L layers, R LoRA rank, G group size, P per-layer input (Gemma 4).
 
 Params are a plain dict pytree. Layer weights are stacked along a leading L axis so the layers can run under
 `lax.scan` (compile time flat in depth):
@@ -18,6 +18,9 @@ sqrt(D) cast to the weight dtype, (1 + w) RMSNorm in float32, half-split RoPE, s
 mask value, float32 softmax, a position-based sliding window (q - W < k <= q), tied and softcapped unembedding.
 Gemma 3 (transformers `models/gemma3/modeling_gemma3.py`): q/k RMSNorm then RoPE with the layer type's base and
 linear scaling; which layers are local comes from `cfg.is_local_layer`.
+Gemma 4 (transformers `models/gemma4/modeling_gemma4.py`; docs/reference.md#gemma-4-dense-text-models): layers of
+different shapes, so params["layers"] is a list of per-layer dicts (`layer_kinds`, `_gemma4_param_specs`) and the
+layers are unrolled (`_gemma4_layers`); P below is the per-layer-embedding width.
 """
 
 import dataclasses
@@ -63,11 +66,93 @@ def param_specs(cfg: GemmaConfig) -> dict:
     if cfg.use_qk_norm:  # replicated like every norm scale (sharding RULES["norm"])
         layers["q_norm"] = ParamSpec((L, H), ("layers", "norm"), "zeros")
         layers["k_norm"] = ParamSpec((L, H), ("layers", "norm"), "zeros")
+    if cfg.layer_list:
+        return _gemma4_param_specs(cfg)
     return {
         "embed": ParamSpec((V, D), ("vocab", "embed"), "embed", D),
         "final_norm": ParamSpec((D,), ("norm",), "zeros"),
         "layers": layers,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """What one Gemma 4 layer looks like: sliding or global, its head dim H and kv heads K, whether its values are
+    its raw keys (k_eq_v), its MLP hidden size F, and kv_source: the layer whose keys/values it attends with
+    (itself, or for a KV-shared layer the last unshared layer of the same type, HF `store_full_length_kv`)."""
+    local: bool
+    head_dim: int
+    kv_heads: int
+    k_eq_v: bool
+    hidden: int
+    kv_source: int
+
+    @property
+    def has_kv(self):
+        return self.kv_source < 0
+
+
+def layer_kinds(cfg: GemmaConfig) -> tuple[LayerKind, ...]:
+    """Per-layer shapes of a Gemma 4 config, read exactly as transformers' Gemma4TextAttention / Gemma4TextMLP:
+    global layers use global_head_dim, and num_global_kv_heads with attention_k_eq_v; layers >= L - shared reuse
+    the k/v of the last layer before them with the same type and (double_wide_mlp) have a 2F MLP.
+    kv_source is -1 for a layer that computes its own keys/values."""
+    L, first_shared = cfg.num_layers, cfg.num_layers - cfg.num_kv_shared_layers
+    out = []
+    for i, local in enumerate(cfg.is_local_layer):
+        shared = i >= first_shared
+        source = -1
+        if shared:
+            source = max(j for j in range(first_shared) if cfg.is_local_layer[j] == local)
+        out.append(LayerKind(
+            local=local,
+            head_dim=cfg.head_dim if local or cfg.global_head_dim is None else cfg.global_head_dim,
+            kv_heads=cfg.num_kv_heads if local or cfg.num_global_kv_heads is None else cfg.num_global_kv_heads,
+            k_eq_v=cfg.attention_k_eq_v and not local,
+            hidden=cfg.hidden_dim * (2 if cfg.double_wide_mlp and shared else 1),
+            kv_source=source,
+        ))
+    assert len(out) == L
+    return tuple(out)
+
+
+def _gemma4_param_specs(cfg: GemmaConfig) -> dict:
+    """Gemma 4: params["layers"] is a list of per-layer dicts (no L axis), because layers differ in shape.
+    Norm scales are stored as transformers stores them (scale w, init 1; cfg.norm_plus_one False).
+    PLE (per_layer_input_dim P > 0): per_layer_embed [Vp,L,P], per_layer_proj [D,L,P], per_layer_proj_norm [P];
+    per layer ple_gate [D,P], ple_proj [P,D], ple_norm [D]."""
+    D, N, P, L = cfg.embed_dim, cfg.num_heads, cfg.per_layer_input_dim, cfg.num_layers
+    norm_init = "zeros" if cfg.norm_plus_one else "ones"
+    norm = ParamSpec((D,), ("norm",), norm_init)
+    layers = []
+    for kind in layer_kinds(cfg):
+        H, K, F = kind.head_dim, kind.kv_heads, kind.hidden
+        w = {"attn_norm": norm, "post_attn_norm": norm, "ffw_norm": norm, "post_ffw_norm": norm,
+             "q": ParamSpec((D, N, H), ("embed", "heads", "head_dim"), "normal", D),
+             "q_norm": ParamSpec((H,), ("norm",), norm_init),
+             "o": ParamSpec((N, H, D), ("heads", "head_dim", "embed"), "normal", N * H)}
+        if kind.has_kv:  # KV-shared layers have no k/v weights (HF: nor k_norm)
+            w["k"] = ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim"), "normal", D)
+            w["k_norm"] = ParamSpec((H,), ("norm",), norm_init)
+            if not kind.k_eq_v:
+                w["v"] = ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim"), "normal", D)
+        w.update(gate=ParamSpec((D, F), ("embed", "mlp"), "normal", D),
+                 up=ParamSpec((D, F), ("embed", "mlp"), "normal", D),
+                 down=ParamSpec((F, D), ("mlp", "embed"), "normal", F))
+        if P:
+            w.update(ple_gate=ParamSpec((D, P), ("embed", "norm"), "normal", D),
+                     ple_proj=ParamSpec((P, D), ("norm", "embed"), "normal", P), ple_norm=norm)
+        if cfg.use_layer_scalar:
+            w["layer_scalar"] = ParamSpec((1,), ("norm",), "ones")
+        layers.append(w)
+    out = {"embed": ParamSpec((cfg.vocab_size, D), ("vocab", "embed"), "embed", D),
+           "final_norm": norm, "layers": layers}
+    if P:
+        out.update(per_layer_embed=ParamSpec((cfg.per_layer_vocab_size or cfg.vocab_size, L, P),
+                                             ("vocab", "layers", "norm"), "embed", P),
+                   per_layer_proj=ParamSpec((D, L, P), ("embed", "layers", "norm"), "normal", D),
+                   per_layer_proj_norm=ParamSpec((P,), ("norm",), norm_init))
+    return out
 
 
 # Logical axis name of each dimension letter of a weight (mapped to mesh axes by gemma_jax/sharding.py RULES).
@@ -127,12 +212,43 @@ def lora_specs(cfg: GemmaConfig, rank: int, targets) -> dict:
                 raise ValueError(f"LoRA targets {adapted[w]!r} and {name!r} both adapt {w!r}: use either the fused "
                                  "'kv' adapter or separate 'k'/'v', not both")
             adapted[w] = name
+        if cfg.layer_list:
+            out[name] = _gemma4_lora_specs(cfg, name, rank)
+            continue
         a_axes, b_axes = lora_axes(name)
         size = {**sizes, "C": len(t.adds_to)}
         a_shape, b_shape = (tuple(size[c] for c in "L" + letters) for letters in (t.a, t.b))
         out[name] = {"a": ParamSpec(a_shape, a_axes, "he_uniform", math.prod(a_shape[1:-1])),
                      "b": ParamSpec(b_shape, b_axes, "zeros")}
     return out
+
+
+def _gemma4_lora_specs(cfg: GemmaConfig, name: str, rank: int) -> dict:
+    """Gemma 4: {"a": tuple over layers, "b": tuple over layers} of per-layer ParamSpecs (no L axis) in each
+    layer's own shapes, None on layers that lack a weight the adapter adds to (k, v, kv on KV-shared layers; v, kv
+    on k = v layers, whose values are the k projection and so follow a 'k' adapter)."""
+    t = lora_target(name)
+    a_axes, b_axes = (axes[1:] for axes in lora_axes(name))
+    a_out, b_out = [], []
+    for kind, w in zip(layer_kinds(cfg), param_specs(cfg)["layers"]):
+        if any(x not in w for x in t.adds_to):
+            a_out.append(None)
+            b_out.append(None)
+            continue
+        size = {"D": cfg.embed_dim, "F": kind.hidden, "N": cfg.num_heads, "K": kind.kv_heads, "H": kind.head_dim,
+                "R": rank, "C": len(t.adds_to)}
+        a_shape, b_shape = (tuple(size[c] for c in letters) for letters in (t.a, t.b))
+        a_out.append(ParamSpec(a_shape, a_axes, "he_uniform", math.prod(a_shape[:-1])))
+        b_out.append(ParamSpec(b_shape, b_axes, "zeros"))
+    return {"a": tuple(a_out), "b": tuple(b_out)}
+
+
+def lora_layer_slice(lora_layers, i):
+    """Layer i's adapters {name: {"a", "b"}} from stacked [L, ...] adapters or Gemma 4's per-layer tuples (names
+    without an adapter on that layer left out); None without adapters."""
+    if lora_layers is None:
+        return None
+    return {n: {"a": ab["a"][i], "b": ab["b"][i]} for n, ab in lora_layers.items() if ab["a"][i] is not None}
 
 
 def _is_spec(x):
@@ -154,14 +270,15 @@ def count_params(tree) -> int:
 
 
 def init_params(cfg: GemmaConfig, seed: int = 0) -> dict:
-    """Random weights from a seed: fan-in scaled normals, embedding with std D^-0.5, norms zero (scale 1 + 0)."""
+    """Random weights from a seed: fan-in scaled normals, embedding with std D^-0.5, norms zero (scale 1 + 0;
+    Gemma 4's w-scaled norms and layer scalars: one)."""
     specs = param_specs(cfg)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
 
     def make(spec, key):
-        if spec.init == "zeros":
-            return jnp.zeros(spec.shape, cfg.dtype)
+        if spec.init in ("zeros", "ones"):
+            return jnp.full(spec.shape, spec.init == "ones", cfg.dtype)
         std = spec.fan_in ** -0.5
         return (std * jax.random.normal(key, spec.shape, jnp.float32)).astype(cfg.dtype)
 
@@ -177,29 +294,45 @@ def init_cache(cfg: GemmaConfig, batch: int, max_len: int, dtype=None) -> dict:
     """
     dtype = dtype or cfg.dtype
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.layer_list:  # Gemma 4: a tuple over layers of [B,S,K,H] in each layer's shape; None for KV-shared layers
+        shapes = [(batch, max_len, kind.kv_heads, kind.head_dim) if kind.has_kv else None for kind in layer_kinds(cfg)]
+        k = v = tuple(None if s is None else jnp.zeros(s, dtype) for s in shapes)
+    else:
+        k = v = jnp.zeros(shape, dtype)
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": k,
+        "v": v,
         "pos": jnp.zeros((batch, max_len), jnp.int32),
         "valid": jnp.zeros((batch, max_len), bool),
         "index": jnp.zeros((), jnp.int32),
     }
 
 
-def rms_norm(x, w, eps):
-    """x * rsqrt(mean(x^2) + eps) * (1 + w), computed in float32, returned in x's dtype."""
+def rms_norm(x, w, eps, plus_one=True):
+    """x * rsqrt(mean(x^2) + eps) * (1 + w), computed in float32, returned in x's dtype.
+    plus_one False (Gemma 4): times w; w None: no scale (Gemma 4's value norm)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+    if w is None:
+        return y.astype(x.dtype)
+    return (y * ((1.0 + w.astype(jnp.float32)) if plus_one else w.astype(jnp.float32))).astype(x.dtype)
 
 
 def rope_inv_freq(cfg: GemmaConfig, local: bool) -> np.ndarray:
     """RoPE inverse frequencies [H/2] (float32) of a local or global layer: base ** (-2i / H), divided by the
     linear scaling factor on global layers (HF `_compute_linear_scaling_rope_parameters`; Tunix `apply_rope`
-    divides the angle by `scale_factor`, the same product)."""
-    H = cfg.head_dim
+    divides the angle by `scale_factor`, the same product).
+    Gemma 4 global layers: H is global_head_dim, and with global_rope_fraction < 1 (HF `proportional` RoPE) only
+    the first int(fraction * H / 2) angles rotate, with exponents still over H; the rest have frequency 0 (an
+    identity rotation, HF `_compute_proportional_rope_parameters`)."""
+    H = cfg.head_dim if local or cfg.global_head_dim is None else cfg.global_head_dim
     base = cfg.rope_local_base if local and cfg.rope_local_base is not None else cfg.rope_base
-    inv_freq = base ** (-np.arange(0, H, 2, dtype=np.float32) / H)
+    if local or cfg.global_rope_fraction == 1.0:
+        inv_freq = base ** (-np.arange(0, H, 2, dtype=np.float32) / H)
+    else:
+        angles = int(cfg.global_rope_fraction * H // 2)
+        inv_freq = np.concatenate([base ** (-np.arange(0, 2 * angles, 2, dtype=np.float32) / H),
+                                   np.zeros(H // 2 - angles, np.float32)])
     factor = 1.0 if local else cfg.rope_scaling
     return inv_freq if factor == 1.0 else (inv_freq / np.float32(factor)).astype(np.float32)
 
@@ -275,31 +408,43 @@ def _weighted_values(p_BKGTS, v_BSKH):
     return jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
 
 
-def _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local):
+def _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, shared_kv=None):
     """Projections of one layer with (Gemma 3) QK-norm and RoPE: (queries [B,T,K,G,H] times the query scale,
     keys [B,T,K,H], values [B,T,K,H]). Query heads are grouped over kv heads: N = K * G (MQA when K = 1, GQA
-    otherwise). is_local: whether this layer is a sliding-window layer (a bool or a traced scalar); it picks the
-    RoPE base and scaling."""
+    otherwise); N, K and H are read off the weights (Gemma 4 layers differ). is_local: whether this layer is a
+    sliding-window layer (a bool or a traced scalar); it picks the RoPE base and scaling.
+    Gemma 4 (HF Gemma4TextAttention): without a "v" weight (attention_k_eq_v) the values are the raw key
+    projection; values get an unscaled RMSNorm (use_value_norm), keys their k_norm and RoPE; shared_kv: the
+    (keys, values) of the layer this KV-shared layer reads, used as they are."""
     B, T, _ = x_BTD.shape
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    plus_one = cfg.norm_plus_one
     q_BTNH = _project("q", "BTD,DNH->BTNH", x_BTD, w["q"], lora_layer, scale)
-    k_BTKH = _project("k", "BTD,DKH->BTKH", x_BTD, w["k"], lora_layer, scale)
-    v_BTKH = _project("v", "BTD,DKH->BTKH", x_BTD, w["v"], lora_layer, scale)
-    kv_delta = lora_delta("kv", x_BTD, lora_layer, scale)
-    if kv_delta is not None:
-        k_BTKH, v_BTKH = k_BTKH + kv_delta[0], v_BTKH + kv_delta[1]
+    N, H = q_BTNH.shape[2:]
+    if shared_kv is None:
+        k_BTKH = _project("k", "BTD,DKH->BTKH", x_BTD, w["k"], lora_layer, scale)
+        v_BTKH = _project("v", "BTD,DKH->BTKH", x_BTD, w["v"], lora_layer, scale) if "v" in w else k_BTKH
+        kv_delta = lora_delta("kv", x_BTD, lora_layer, scale)
+        if kv_delta is not None:
+            k_BTKH, v_BTKH = k_BTKH + kv_delta[0], v_BTKH + kv_delta[1]
+        if cfg.use_value_norm:
+            v_BTKH = rms_norm(v_BTKH, None, cfg.norm_eps)
     if cfg.use_qk_norm:  # over H, per head, before RoPE (HF Gemma3Attention, Tunix _query_norm/_key_norm)
-        q_BTNH = rms_norm(q_BTNH, w["q_norm"], cfg.norm_eps)
-        k_BTKH = rms_norm(k_BTKH, w["k_norm"], cfg.norm_eps)
+        q_BTNH = rms_norm(q_BTNH, w["q_norm"], cfg.norm_eps, plus_one)
+        if shared_kv is None:
+            k_BTKH = rms_norm(k_BTKH, w["k_norm"], cfg.norm_eps, plus_one)
     inv_freq_h = layer_inv_freq(cfg, is_local)
     q_BTNH = rope(q_BTNH, positions_BT, inv_freq_h)
-    k_BTKH = rope(k_BTKH, positions_BT, inv_freq_h)
+    if shared_kv is None:
+        k_BTKH = rope(k_BTKH, positions_BT, inv_freq_h)
+    else:
+        k_BTKH, v_BTKH = shared_kv
     q_BTNH = q_BTNH * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
+    K = k_BTKH.shape[2]
     return q_BTNH.reshape(B, T, K, N // K, H), k_BTKH, v_BTKH
 
 
 def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, mask_BTS, k_cache_BSKH=None,
-               v_cache_BSKH=None, mask_new_BTT=None):
+               v_cache_BSKH=None, mask_new_BTT=None, shared_kv=None):
     """Self-attention of one layer; returns (output, this step's keys [B,T,K,H], values [B,T,K,H]).
 
     Without a cache the T tokens attend to each other under mask_BTS [B,T,T]. With a cache the queries attend to
@@ -308,7 +453,7 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, mask_BT
     scan, XLA copies the whole cache every layer (measurements: docs/performance.md, 'KV cache writes').
     """
     B, T, _ = x_BTD.shape
-    q_BTKGH, k_BTKH, v_BTKH = _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local)
+    q_BTKGH, k_BTKH, v_BTKH = _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, shared_kv)
     if k_cache_BSKH is not None:
         # Round-trip through the cache dtype, so this step sees exactly what later steps will read back.
         k_BTKH, v_BTKH = k_BTKH.astype(k_cache_BSKH.dtype), v_BTKH.astype(v_cache_BSKH.dtype)
@@ -327,7 +472,7 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, mask_BT
         p_part = jax.lax.slice_in_dim(p_BKGTS, start, start + v.shape[1], axis=-1).astype(v.dtype)
         o_BTKGH = o_BTKGH + _weighted_values(p_part, v)
         start += v.shape[1]
-    o_BTNH = o_BTKGH.reshape(B, T, cfg.num_heads, cfg.head_dim).astype(x_BTD.dtype)
+    o_BTNH = o_BTKGH.reshape(B, T, cfg.num_heads, q_BTKGH.shape[-1]).astype(x_BTD.dtype)
     out_BTD = _project("o", "BTNH,NHD->BTD", o_BTNH, w["o"], lora_layer, scale)
     return out_BTD, k_BTKH, v_BTKH
 
@@ -339,24 +484,75 @@ def _mlp(x_BTD, w, lora_layer, scale):
     return _project("down", "BTF,FD->BTD", h_BTF, w["down"], lora_layer, scale)
 
 
-def _block(cfg, x_BTD, w, lora_layer, scale, attend):
+def _block(cfg, x_BTD, w, lora_layer, scale, attend, ple_BTP=None):
     """One transformer block: pre-norm attention and MLP, with Gemma 2's post-norms when configured.
     `attend(h_BTD) -> (out_BTD, extra)` is the attention of this layer (full or cached, see callers); returns
-    (x, extra)."""
-    h, extra = attend(rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps))
+    (x, extra). Gemma 4 (HF Gemma4TextDecoderLayer): then the per-layer input ple_BTP enters through
+    norm(proj(gelu(gate(x)) * ple)) added to x, and the whole residual stream is multiplied by the layer scalar."""
+    eps, plus_one = cfg.norm_eps, cfg.norm_plus_one
+    h, extra = attend(rms_norm(x_BTD, w["attn_norm"], eps, plus_one))
     if cfg.use_post_norms:
-        h = rms_norm(h, w["post_attn_norm"], cfg.norm_eps)
+        h = rms_norm(h, w["post_attn_norm"], eps, plus_one)
     x_BTD = x_BTD + h
-    h = _mlp(rms_norm(x_BTD, w["ffw_norm"], cfg.norm_eps), w, lora_layer, scale)
+    h = _mlp(rms_norm(x_BTD, w["ffw_norm"], eps, plus_one), w, lora_layer, scale)
     if cfg.use_post_norms:
-        h = rms_norm(h, w["post_ffw_norm"], cfg.norm_eps)
-    return x_BTD + h, extra
+        h = rms_norm(h, w["post_ffw_norm"], eps, plus_one)
+    x_BTD = x_BTD + h
+    if ple_BTP is not None:
+        with jax.named_scope("per_layer_input"):
+            g_BTP = jax.nn.gelu(jnp.einsum("BTD,DP->BTP", x_BTD, w["ple_gate"]), approximate=True) * ple_BTP
+            h = rms_norm(jnp.einsum("BTP,PD->BTD", g_BTP, w["ple_proj"]), w["ple_norm"], eps, plus_one)
+            x_BTD = x_BTD + h
+    if "layer_scalar" in w:
+        x_BTD = x_BTD * w["layer_scalar"].astype(x_BTD.dtype)
+    return x_BTD, extra
 
 
 def embed(params, tokens_BT, cfg):
     """Token embedding times sqrt(D), the scale cast to the weight dtype first (bf16: sqrt(2304) -> 48.0)."""
     e = params["embed"]
     return e[tokens_BT] * jnp.asarray(math.sqrt(cfg.embed_dim), e.dtype)
+
+
+def per_layer_inputs(params, tokens_BT, x_BTD, cfg):
+    """Gemma 4's per-layer embeddings [B,T,L,P] (HF Gemma4TextModel.get_per_layer_inputs and
+    project_per_layer_inputs): (norm(x @ W * D^-0.5) + E_ple[token] * sqrt(P)) * 2^-0.5, x the scaled embedding;
+    the sqrt(P) scale cast to the table's dtype first, as for the main embedding."""
+    e, P = params["per_layer_embed"], cfg.per_layer_input_dim
+    tok_BTLP = e[tokens_BT] * jnp.asarray(math.sqrt(P), e.dtype)
+    proj_BTLP = jnp.einsum("BTD,DLP->BTLP", x_BTD, params["per_layer_proj"])
+    proj_BTLP = proj_BTLP * jnp.asarray(cfg.embed_dim ** -0.5, proj_BTLP.dtype)
+    proj_BTLP = rms_norm(proj_BTLP, params["per_layer_proj_norm"], cfg.norm_eps, cfg.norm_plus_one)
+    return (proj_BTLP + tok_BTLP) * jnp.asarray(2.0 ** -0.5, x_BTD.dtype)
+
+
+def _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache=None, lora=None):
+    """Gemma 4's layers, unrolled in Python; returns (x, per layer its new (k, v), None for KV-shared layers).
+
+    Why not the layer scan: the layers differ in shape (global head dim and kv heads, KV-shared layers without
+    k/v weights, double-wide MLPs), and KV-shared layers read another layer's keys/values, so a scan would need
+    padded weights or several scans over runs of equal layers (runs of 5 or fewer with the 5:1 pattern).
+    Unrolled is the simplest correct form; compile time grows with depth.
+    Each KV-shared layer attends with the (normed, rotated) keys and values of its LayerKind.kv_source: with a
+    cache, the source's cached slots and its new keys/values (HF: the source's full-length cache states)."""
+    ple_BTLP = per_layer_inputs(params, tokens_BT, x_BTD, cfg) if cfg.per_layer_input_dim else None
+    kv = {}
+    for i, (kind, w) in enumerate(zip(layer_kinds(cfg), params["layers"])):
+        masks = masks_l if kind.local else masks_g
+        src = i if kind.has_kv else kind.kv_source
+        k_c, v_c = (None, None) if cache is None else (cache["k"][src], cache["v"][src])
+        lora_layer = None if lora is None else lora_layer_slice(lora.layers, i)
+        scale = 0.0 if lora is None else lora.scale
+
+        def attend(h, kind=kind, w=w, masks=masks, k_c=k_c, v_c=v_c, lora_layer=lora_layer, scale=scale):
+            out, k, v = _attention(cfg, h, w, lora_layer, scale, positions_BT, kind.local, masks[0], k_c, v_c,
+                                   *masks[1:], shared_kv=None if kind.has_kv else kv[kind.kv_source])
+            return out, (k, v)
+
+        with jax.named_scope(f"layer_{i}"):
+            x_BTD, kv[i] = _block(cfg, x_BTD, w, lora_layer, scale, attend,
+                                  None if ple_BTLP is None else ple_BTLP[:, :, i])
+    return x_BTD, tuple(kv[i] if kind.has_kv else None for i, kind in enumerate(layer_kinds(cfg)))
 
 
 def unembed(params, h_BTD, cfg):
@@ -407,6 +603,15 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
     lora_layers = None if lora is None else lora.layers
     is_local_L = jnp.asarray(cfg.is_local_layer)
     x_BTD = embed(params, tokens_BT, cfg)
+    if cfg.layer_list:
+        x_BTD, kv_new = _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache, lora)
+        h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
+        if cache is None:
+            return h_BTD, None
+        put = lambda c, new: None if c is None else jax.lax.dynamic_update_slice(c, new, (0, index, 0, 0))  # noqa
+        return h_BTD, {"k": tuple(put(c, None if n is None else n[0]) for c, n in zip(cache["k"], kv_new)),
+                       "v": tuple(put(c, None if n is None else n[1]) for c, n in zip(cache["v"], kv_new)),
+                       "pos": k_pos_BS, "valid": k_valid_BS, "index": index + T}
 
     def layer(x, xs):
         w, lora_layer, is_local, k_c, v_c = xs

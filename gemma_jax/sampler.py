@@ -144,12 +144,13 @@ def _generate_jit(params, lora, tokens_BP, mask_BP, seed, temperature, top_p, *,
     h_BPD, cache = forward_hidden(params, tokens_BP, cfg, pad_mask_BT=mask_BP, cache=init_cache(cfg, B, P),
                                   lora=lora)
     logits_RV = _repeat_rows(unembed(params, h_BPD[:, -1:], cfg)[:, 0], G)  # left padding: last column is real
-    cache = {"k": _repeat_rows(cache["k"], G, axis=1), "v": _repeat_rows(cache["v"], G, axis=1)}
+    axis = 0 if cfg.layer_list else 1  # Gemma 4: a tuple of per-layer [B,S,K,H] (None for KV-shared layers)
+    cache = {k: jax.tree.map(lambda x: _repeat_rows(x, G, axis=axis), cache[k]) for k in ("k", "v")}
     offset_R = _repeat_rows(P - jnp.sum(mask_BP, axis=1, dtype=jnp.int32), G)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(R))
     stop_S = jnp.asarray(stop_ids, jnp.int32)
     L = cfg.num_layers
-    layers = decode.unstack_layers(params["layers"], L)
+    layers = tuple(params["layers"]) if cfg.layer_list else decode.unstack_layers(params["layers"], L)
     lora_layers = decode.unstack_layers(None if lora is None else lora.layers, L)
     lora_scale = 0.0 if lora is None else lora.scale
 

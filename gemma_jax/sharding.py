@@ -174,6 +174,10 @@ def lora_shardings(lora, mesh: Mesh, rules=None):
     layers = {}
     for name, ab in lora.layers.items():
         a_axes, b_axes = lora_axes(name)
+        if isinstance(ab["a"], tuple):  # Gemma 4: per-layer adapters, no L axis
+            layers[name] = {k: tuple(None if x is None else named_sharding(axes[1:], x.shape, mesh, rules)
+                                     for x in ab[k]) for k, axes in (("a", a_axes), ("b", b_axes))}
+            continue
         layers[name] = {"a": named_sharding(a_axes, ab["a"].shape, mesh, rules),
                         "b": named_sharding(b_axes, ab["b"].shape, mesh, rules)}
     return type(lora)(layers=layers, scale=lora.scale)
@@ -203,8 +207,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def cache_shardings(cache: dict, mesh: Mesh, rules=None) -> dict:
     """Shardings of a KV cache from gemma_jax.model.init_cache (or its jax.eval_shape): k/v [L,B,S,K,H] split
-    by batch and kv heads, pos/valid [B,S] by batch, index replicated."""
-    return {k: named_sharding(CACHE_AXES[k], v.shape, mesh, rules) for k, v in cache.items()}
+    by batch and kv heads, pos/valid [B,S] by batch, index replicated. Gemma 4: k/v are tuples over layers of
+    [B,S,K,H] (None for KV-shared layers), each split the same way without the layers axis."""
+    out = {}
+    for k, v in cache.items():
+        if isinstance(v, tuple):
+            out[k] = tuple(None if x is None else named_sharding(CACHE_AXES[k][1:], x.shape, mesh, rules) for x in v)
+        else:
+            out[k] = named_sharding(CACHE_AXES[k], v.shape, mesh, rules)
+    return out
 
 
 def shard(tree, shardings):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import lora_specs, lora_target
+from gemma_jax.model import lora_layer_slice, lora_specs, lora_target
 
 # The projections the Tunix Gemma examples adapt: q_einsum, kv_einsum, gate_proj, up_proj, down_proj.
 DEFAULT_TARGETS = ("q", "kv", "gate", "up", "down")
@@ -26,12 +26,14 @@ DEFAULT_TARGETS = ("q", "kv", "gate", "up", "down")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LoRA:
-    layers: dict  # name -> {"a": [L, ...], "b": [L, ...]}
+    layers: dict  # name -> {"a": [L, ...], "b": [L, ...]}; Gemma 4: tuples over layers (None: no adapter there)
     scale: float = dataclasses.field(metadata=dict(static=True))  # alpha / rank
 
 
 def lora_shapes(cfg: GemmaConfig, rank: int, targets=DEFAULT_TARGETS) -> dict:
     """name -> (A shape, B shape), without the leading L axis (from gemma_jax.model.lora_specs)."""
+    if cfg.layer_list:
+        raise ValueError("Gemma 4 adapters differ in shape per layer: read gemma_jax.model.lora_specs instead")
     return {n: (ab["a"].shape[1:], ab["b"].shape[1:]) for n, ab in lora_specs(cfg, rank, targets).items()}
 
 
@@ -51,6 +53,12 @@ def init_lora(cfg: GemmaConfig, rank: int, alpha: float, targets=DEFAULT_TARGETS
     One key per adapter, in the order of `targets`, drawn by its A (B takes none)."""
     specs = lora_specs(cfg, rank, targets)
     keys = jax.random.split(jax.random.key(seed), len(specs))
+    if cfg.layer_list:  # Gemma 4: per-layer tuples (None where the layer lacks the weight); layer i's A: key i
+        layers = {name: {"a": tuple(None if s is None else _init(s, jax.random.fold_in(key, i), dtype)
+                                    for i, s in enumerate(ab["a"])),
+                         "b": tuple(None if s is None else _init(s, None, dtype) for s in ab["b"])}
+                  for key, (name, ab) in zip(keys, specs.items())}
+        return LoRA(layers=layers, scale=float(alpha) / rank)
     layers = {name: {"a": _init(ab["a"], key, dtype), "b": _init(ab["b"], None, dtype)}
               for key, (name, ab) in zip(keys, specs.items())}
     return LoRA(layers=layers, scale=float(alpha) / rank)
@@ -72,6 +80,13 @@ def concat_lora(first: LoRA, second: LoRA) -> LoRA:
     layers = {}
     for name, ab in first.layers.items():
         a2, b2 = second.layers[name]["a"], second.layers[name]["b"]
+        if isinstance(ab["a"], tuple):  # Gemma 4 per-layer adapters: A [..., R], B [R, ...]
+            layers[name] = {
+                "a": tuple(None if x is None else jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
+                           for x, y in zip(ab["a"], a2)),
+                "b": tuple(None if x is None else jnp.concatenate([x, (y * ratio).astype(x.dtype)], axis=0)
+                           for x, y in zip(ab["b"], b2))}
+            continue
         layers[name] = {"a": jnp.concatenate([ab["a"], a2.astype(ab["a"].dtype)], axis=-1),
                         "b": jnp.concatenate([ab["b"], (b2 * ratio).astype(ab["b"].dtype)], axis=1)}
     return LoRA(layers=layers, scale=first.scale)
@@ -83,6 +98,8 @@ def merge(params: dict, lora: LoRA) -> dict:
     The einsum contracts R per layer: A's letters and B's letters (gemma_jax.model.LORA_TARGETS) -> the base
     weight's letters, e.g. q: LDR,LRNH->LDNH. The fused kv adapter's C axis goes first: slice c is added to
     adds_to[c] (k, then v)."""
+    if isinstance(params["layers"], list):
+        return _merge_per_layer(params, lora)
     layers = dict(params["layers"])
     for name, ab in lora.layers.items():
         t = lora_target(name)
@@ -93,4 +110,18 @@ def merge(params: dict, lora: LoRA) -> dict:
         deltas = delta if "C" in t.b else delta[None]
         for target, d in zip(t.adds_to, deltas):
             layers[target] = (layers[target].astype(jnp.float32) + d).astype(layers[target].dtype)
+    return {**params, "layers": layers}
+
+
+def _merge_per_layer(params: dict, lora: LoRA) -> dict:
+    """merge for Gemma 4's per-layer weights and adapters (lora_layer_slice picks layer i's)."""
+    layers = [dict(w) for w in params["layers"]]
+    for i, w in enumerate(layers):
+        for name, ab in lora_layer_slice(lora.layers, i).items():
+            t = lora_target(name)
+            a, b = ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32)
+            w_letters = (t.a[:-1] + t.b[1:]).replace("C", "")
+            delta = lora.scale * jnp.einsum(f"{t.a},{t.b}->{('C' if 'C' in t.b else '') + w_letters}", a, b)
+            for target, d in zip(t.adds_to, delta if "C" in t.b else delta[None]):
+                w[target] = (w[target].astype(jnp.float32) + d).astype(w[target].dtype)
     return {**params, "layers": layers}
