@@ -200,11 +200,18 @@ def damage(step_dir, kind):
         os.remove(os.path.join(step_dir, "COMMIT"))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 6-step toy run without a break: the state every damaged-and-resumed run must end with."""
+    resumed_from, want = toy_run(tmp_path_factory.mktemp("ref"), 6)
+    assert resumed_from == 0
+    return want
+
+
 @pytest.mark.parametrize("kind,reason", [("meta", "meta"), ("blob-garbage", "data"), ("blob-truncated", "data"),
                                          ("commit", "no-commit")])
-def test_damaged_newest_resumes_from_previous(tmp_path, capsys, kind, reason):
-    resumed_from, want = toy_run(tmp_path / "ref", 6)  # uninterrupted
-    assert resumed_from == 0
+def test_damaged_newest_resumes_from_previous(tmp_path, capsys, kind, reason, uninterrupted):
+    want = uninterrupted
     run = tmp_path / "run"
     toy_run(run, 4)
     damage(run / "step_00000004", kind)
