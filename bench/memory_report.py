@@ -136,8 +136,8 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--mesh", action="append", help="mesh spec(s); default fsdp=2,tp=4 and fsdp=1,tp=8")
     ap.add_argument("--no-remat", action="store_true")
-    ap.add_argument("--config", default="GEMMA2_2B", choices=("GEMMA2_2B", "GEMMA_2B", "GEMMA3_270M", "GEMMA3_1B",
-                                                               "GEMMA3_4B", "GEMMA3_12B", "GEMMA3_27B"))
+    ap.add_argument("--config", default="GEMMA2_2B", choices=sorted(
+        n for n in dir(presets) if n.startswith("GEMMA") and isinstance(getattr(presets, n), presets.GemmaConfig)))
     ap.add_argument("--fits-only", action="store_true", help="skip the XLA compile; print the estimate tables")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(getattr(presets, args.config), param_dtype="bfloat16", remat=not args.no_remat)

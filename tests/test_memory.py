@@ -104,3 +104,17 @@ def test_bad_inputs_are_named():
         memory.estimate_bytes(TINY, lora_rank=4, lora_targets=("qkv",), batch=1, seq_len=8)
     with pytest.raises(ValueError, match="optimizer must be"):
         memory.estimate_bytes(TINY, lora_rank=4, batch=1, seq_len=8, optimizer="lion")
+
+
+def test_weight_bytes_of_every_preset_equal_the_parameter_count():
+    """Stacked (Gemma 1-3) and listed (Gemma 4) layers alike: float32 weights are 4 bytes per parameter of
+    abstract_params, on one device."""
+    from gemma_jax import config as presets
+    from gemma_jax.model import abstract_params, count_params
+
+    names = [n for n in dir(presets) if n.startswith("GEMMA") and isinstance(getattr(presets, n), presets.GemmaConfig)]
+    assert {"GEMMA2_2B", "GEMMA3_1B", "GEMMA4_E2B"} <= set(names)
+    for name in names:
+        cfg = getattr(presets, name)
+        est = memory.estimate_bytes(cfg, param_dtype="float32", lora_rank=8, batch=1, seq_len=16)
+        assert est["base_params"] == 4 * count_params(abstract_params(cfg)), name

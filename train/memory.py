@@ -31,15 +31,19 @@ The head's buffers are dead before the layers' backward starts, so the peak is
     saved layers + max(logits, layer working set).
 The counts below were read off XLA's buffer assignment for a float32 step on a CPU; XLA's CPU backend computes
 bf16 elementwise ops in float32, so a bf16 step on a CPU holds more than on a TPU or GPU.
+Gemma 4 (layers of different shapes): the weights are counted layer by layer; the activation and KV-cache terms
+use the local layers' shapes for every layer (an approximation: global layers have their own head dim, KV-shared
+layers no cache of their own).
 """
 
 import math
 import types
 
+import jax
 import numpy as np
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import lora_specs, param_specs
+from gemma_jax.model import ParamSpec, lora_specs, param_specs
 from gemma_jax.sharding import CACHE_AXES, MESH_AXES, logical_to_spec
 
 # How many tensors of each kind the backward pass keeps, read off XLA's buffer assignment of a float32 LoRA step
@@ -116,10 +120,10 @@ def estimate_bytes(cfg: GemmaConfig, *, param_dtype="bfloat16", lora_rank: int, 
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     specs = param_specs(cfg)
-    flat = {**{k: v for k, v in specs.items() if k != "layers"}, **specs["layers"]}
-    base = sum(shard_bytes(s.shape, s.axes, param_dtype, mesh_shape) for s in flat.values())
+    # Gemma 1-3 stack the layers ({name: [L, ...]}); Gemma 4 lists them (one dict per layer): leaves cover both.
+    base = sum(shard_bytes(s.shape, s.axes, param_dtype, mesh_shape) for s in _spec_leaves(specs))
     lora = sum(shard_bytes(s.shape, s.axes, lora_dtype, mesh_shape)
-               for ab in lora_specs(cfg, lora_rank, lora_targets).values() for s in ab.values())
+               for s in _spec_leaves(lora_specs(cfg, lora_rank, lora_targets)))
     lora_f32 = lora * 4 // np.dtype(lora_dtype).itemsize
     opt = 2 * lora_f32 + 4 if optimizer == "adamw" else 0
     act = {r: activation_bytes(cfg, dtype=param_dtype, batch=batch, seq_len=seq_len, mesh_shape=mesh_shape,
@@ -135,9 +139,14 @@ def estimate_bytes(cfg: GemmaConfig, *, param_dtype="bfloat16", lora_rank: int, 
            "kv_cache": cache}
     out["train_total"] = base + 2 * lora + opt + act[remat]
     out["decode_weights"] = sum(shard_bytes(s.shape, s.axes, param_dtype, mesh_shape)
-                                for s in specs["layers"].values()) + lora
+                                for s in _spec_leaves(specs["layers"])) + lora
     out["sample_total"] = base + lora + out["decode_weights"] + cache
     return out
+
+
+def _spec_leaves(tree) -> list:
+    """The ParamSpecs of a spec tree (dicts, lists, tuples; None entries skipped)."""
+    return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, ParamSpec)) if isinstance(x, ParamSpec)]
 
 
 def format_bytes(n: float) -> str:
