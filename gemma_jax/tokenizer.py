@@ -72,3 +72,28 @@ class Tokenizer:
             raise ValueError(f"{self.path}: tokenizer lacks {START_OF_TURN} / {END_OF_TURN} pieces "
                              "for the chat template")
         return self.encode(self.chat_prompt(message, system), add_bos=True)
+
+    def chat_parts(self, message: str, system: str | None = None) -> tuple[list[int], list[int], list[int]]:
+        """(head, message, tail) ids: the template's opening (<bos>, user turn, system text), the message, and the
+        turn's end up to the model's turn. When the template tokenises with the head as a prefix and the tail as a
+        suffix (Gemma's turn markers are special pieces), the parts are slices of `encode_chat` itself, so the
+        untruncated prompt is exactly the template's tokenisation; otherwise the message is encoded on its own."""
+        full = self.encode_chat(message, system)
+        head_text, tail_text = self.chat_prompt("\x00", system).split("\x00")
+        head, tail = self.encode(head_text, add_bos=True), self.encode(tail_text)
+        if full[:len(head)] == head and full[len(full) - len(tail):] == tail and len(full) >= len(head) + len(tail):
+            return head, full[len(head):len(full) - len(tail)], tail
+        return head, self.encode(message), tail
+
+    def encode_chat_within(self, message: str, system: str | None, max_tokens: int, *,
+                           min_message_tokens: int = 1) -> list[int]:
+        """`encode_chat` cut to at most `max_tokens` ids by dropping the OLDEST message tokens: the template's head
+        and tail and the end of the message (usually what is asked) are kept, as Tunix keeps a prompt's last tokens.
+        The one prompt-truncation rule of SFT and GRPO. ValueError when fewer than `min_message_tokens` message
+        tokens fit."""
+        head, msg, tail = self.chat_parts(message, system)
+        room = max_tokens - len(head) - len(tail)
+        if room < min(min_message_tokens, len(msg)):
+            raise ValueError(f"a budget of {max_tokens} tokens leaves no room for the message after the chat template "
+                             f"and system prompt ({len(head) + len(tail)} tokens)")
+        return head + msg[max(len(msg) - room, 0):] + tail

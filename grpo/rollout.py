@@ -44,17 +44,7 @@ def prompt_ids(record: dict, tokenizer, budget: int) -> list[int]:
     question usually ends with what is asked; Tunix likewise keeps a prompt's last tokens)."""
     if "question" not in record:
         raise ValueError(f"RL record has no 'question' (keys: {sorted(record)})")
-    system, question = record_system(record), str(record["question"])
-    ids = tokenizer.encode_chat(question, system)
-    if len(ids) <= budget:
-        return ids
-    head_text, tail_text = tokenizer.chat_prompt("\x00", system).split("\x00")
-    head, tail = tokenizer.encode(head_text, add_bos=True), tokenizer.encode(tail_text)
-    room = budget - len(head) - len(tail)
-    if room < 1:
-        raise ValueError(f"prompt budget {budget} leaves no room for the question after the chat template and "
-                         f"system prompt ({len(head) + len(tail)} tokens)")
-    return head + tokenizer.encode(question)[-room:] + tail
+    return tokenizer.encode_chat_within(str(record["question"]), record_system(record), budget)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "temperature"))

@@ -25,7 +25,7 @@ import dataclasses
 
 import numpy as np
 
-from gemma_jax.tokenizer import END_OF_TURN, START_OF_TURN
+from gemma_jax.tokenizer import END_OF_TURN
 from rewards.tags import render_completion
 
 
@@ -38,25 +38,6 @@ class Example:
         return len(self.tokens)
 
 
-def _prompt_parts(tokenizer, prompt: str, system: str | None):
-    """(head ids, user-text ids, tail ids) whose concatenation is the chat prompt's ids.
-
-    When the full template tokenises with the head as a prefix and the tail as a suffix (true for Gemma's
-    tokenizer: the turn markers are special pieces), the parts are slices of `encode_chat` itself, so an
-    untruncated prompt is exactly the template's tokenisation. Otherwise the three parts are encoded separately.
-    """
-    head_text = f"{START_OF_TURN}user\n" + (f"{system}\n\n" if system else "")
-    tail_text = f"{END_OF_TURN}\n{START_OF_TURN}model\n"
-    if tokenizer.chat_prompt(prompt, system) != head_text + prompt + tail_text:
-        raise ValueError("sft.batches: tokenizer.chat_prompt no longer matches the Gemma template this file assumes")
-    head = tokenizer.encode(head_text, add_bos=True)
-    tail = tokenizer.encode(tail_text)
-    full = tokenizer.encode_chat(prompt, system)
-    if full[: len(head)] == head and full[len(full) - len(tail):] == tail and len(full) >= len(head) + len(tail):
-        return head, full[len(head): len(full) - len(tail)], tail
-    return head, tokenizer.encode(prompt), tail
-
-
 def encode_example(record: dict, tokenizer, max_len: int, *, where: str = "record") -> Example:
     """Tokenise one SFT record {"prompt", "reasoning", "answer", "system"?} and truncate it to max_len tokens."""
     for key in ("prompt", "reasoning", "answer"):
@@ -64,19 +45,17 @@ def encode_example(record: dict, tokenizer, max_len: int, *, where: str = "recor
             raise ValueError(f"{where}: field {key!r} must be a string, got {type(record.get(key)).__name__}")
     if tokenizer.end_of_turn_id is None:
         raise ValueError(f"{tokenizer.path}: tokenizer has no {END_OF_TURN} piece (needed to end the target)")
-    head, user, tail = _prompt_parts(tokenizer, record["prompt"], record.get("system") or None)
+    system = record.get("system") or None
+    head, _, tail = tokenizer.chat_parts(record["prompt"], system)
     target = tokenizer.encode(render_completion(record["reasoning"], record["answer"])) + [tokenizer.end_of_turn_id]
     fixed = len(head) + len(tail)
     if fixed >= max_len:
         raise ValueError(f"{where}: max_len {max_len} leaves no room after the chat head and tail ({fixed} tokens)")
-    overflow = fixed + len(user) + len(target) - max_len
-    if overflow > 0:
-        cut = min(overflow, len(user))
-        user = user[cut:]  # step 1: drop the oldest user text
-        overflow -= cut
-    if overflow > 0:
-        target = target[: len(target) - overflow]  # step 2: only then shorten the target
-    prompt_ids = head + user + tail
+    # Too long: first drop the oldest user text (the shared rule, Tokenizer.encode_chat_within), then shorten the
+    # target from its end.
+    prompt_ids = tokenizer.encode_chat_within(record["prompt"], system, max(max_len - len(target), fixed),
+                                              min_message_tokens=0)
+    target = target[:max_len - len(prompt_ids)]
     tokens = np.asarray(prompt_ids + target, np.int32)
     mask = np.zeros(len(tokens), bool)
     mask[len(prompt_ids):] = True

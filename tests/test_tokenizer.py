@@ -88,3 +88,19 @@ def test_chat_needs_turn_markers(tmp_path):
     assert tok.end_of_turn_id is None and tok.stop_ids == (1,)
     with pytest.raises(ValueError, match=r"plain.model: tokenizer lacks <start_of_turn> / <end_of_turn>"):
         tok.encode_chat("hi")
+
+
+def test_encode_chat_within_keeps_the_template_and_the_last_message_tokens(tokenizer):
+    """The one prompt-truncation rule (SFT and GRPO): head and tail kept, the oldest message tokens dropped."""
+    message = " ".join(f"word{i}" for i in range(40)) + " What is 2+2?"
+    full = tokenizer.encode_chat(message, "Be brief.")
+    head, msg, tail = tokenizer.chat_parts(message, "Be brief.")
+    assert head + msg + tail == full and head[0] == tokenizer.bos_id
+    assert tokenizer.encode_chat_within(message, "Be brief.", len(full)) == full
+    cut = tokenizer.encode_chat_within(message, "Be brief.", len(full) - 7)
+    assert cut == head + msg[7:] + tail
+    assert tokenizer.encode_chat_within(message, "Be brief.", len(head) + len(tail) + 1) == head + msg[-1:] + tail
+    with pytest.raises(ValueError, match="no room for the message"):
+        tokenizer.encode_chat_within(message, "Be brief.", len(head) + len(tail))
+    assert tokenizer.encode_chat_within(message, "Be brief.", len(head) + len(tail), min_message_tokens=0) == \
+        head + tail
