@@ -26,6 +26,12 @@ USER_ERRORS = (ValueError, KeyError, FileNotFoundError, IsADirectoryError, NotAD
                CheckpointMismatchError)
 
 
+# The commands score log-probs in vocabulary chunks (gemma_jax/scoring.py) for the 256k-262k vocabularies of the
+# real checkpoints, so the [B, T, V] float32 logits never exist; small vocabularies keep the full logits (tested equal
+# within 1e-6; the cost at MID size is within run-to-run noise: docs/chunked_logprobs.md).
+CHUNKED_VOCAB, LOGITS_CHUNK = 65_536, 8192
+
+
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one line, exit status 2."""
 
@@ -160,6 +166,8 @@ def load_model(base: str | None, tokenizer_path: str | None = None, adapters: st
         cfg, params = gemma_jax.load_checkpoint(base, dtype=dtype)
     if remat:
         cfg = dataclasses.replace(cfg, remat=True)
+    if cfg.logits_chunk is None and cfg.vocab_size > CHUNKED_VOCAB:
+        cfg = dataclasses.replace(cfg, logits_chunk=LOGITS_CHUNK)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UsageError(f"--tokenizer {tok_path}: {tokenizer.vocab_size} pieces but the model at {base} has a "
                          f"vocabulary of {cfg.vocab_size}")
