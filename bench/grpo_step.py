@@ -15,6 +15,7 @@ differ by RNG, so the check is on the models, not on the steps' outputs.
 """
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -44,7 +45,7 @@ def toy_reward_values(texts):
     return np.array([float(t.count("e")) for t in texts])
 
 
-def ours_step_fn(cfg, params, tokenizer, hp, records):
+def ours_step_fn(cfg, params, tokenizer, hp, records, extra_records=None):
     lora = init_lora(cfg, 8, 16.0, targets=("q", "kv", "gate", "up", "down"), seed=0)
     opt = adamw_init(lora)
 
@@ -57,7 +58,7 @@ def ours_step_fn(cfg, params, tokenizer, hp, records):
     def step():
         t0 = time.perf_counter()
         ro, _, _, _ = rollout(params, cfg, state["lora"], records, tokenizer, hp=hp, reward_fn=reward_fn,
-                              seed=state["seed"])
+                              seed=state["seed"], extra_records=extra_records)
         t1 = time.perf_counter()
         batch, norms = to_micro_batches(ro, hp.micro_batch)
         state["lora"], state["opt"], m = train_step(state["lora"], state["opt"], params, batch, norms, cfg=cfg, hp=hp)
@@ -147,6 +148,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: a test tokenizer trained here)")
+    p.add_argument("--variants", action="store_true", help="also time the GRPO variants that change the step's work "
+                   "(sequence-level IS, sampler IS, dynamic sampling) against our default, same run")
     args = p.parse_args(argv)
     tok_path = args.tokenizer
     if tok_path is None:
@@ -169,7 +172,31 @@ def main(argv=None):
     for name, r in rows.items():
         print(f"{name:<8}{r['step_s']:>10.4f}{r['sample_s']:>20.4f}{r['train_s']:>10.4f}{r['first_s']:>14.2f}")
     print(f"speed-up (tunix / ours): {rows['tunix']['step_s'] / rows['ours']['step_s']:.2f}x")
+    if args.variants:
+        print_variants(cfg, params, tokenizer, hp, records, rows["ours"], args.repeats)
     return 0
+
+
+# Variants whose step does different work than the default (the loss types only reweight the same tokens).
+VARIANTS = {
+    "--importance-sampling sequence": dict(importance_sampling="sequence"),
+    "--sampler-is token_truncate": dict(sampler_is="token_truncate"),
+    "--loss-type dapo --dynamic-sampling": dict(loss_type="dapo", dynamic_sampling=True, max_extra_draws=2),
+}
+
+
+def print_variants(cfg, params, tokenizer, hp, records, default, repeats):
+    """Ours with each variant on, timed in the same run as the default row (the toy reward gives many zero-spread
+    groups, so dynamic sampling draws extra rounds of the same prompts: its cost per draw)."""
+    print(f"\n{'variant':<40}{'step s':>10}{'sampling+rewards s':>20}{'update s':>10}{'vs default':>12}")
+    print(f"{'(default)':<40}{default['step_s']:>10.4f}{default['sample_s']:>20.4f}{default['train_s']:>10.4f}"
+          f"{1.0:>11.2f}x")
+    for name, overrides in VARIANTS.items():
+        v_hp = dataclasses.replace(hp, **overrides)
+        extra = (lambda k: records) if v_hp.dynamic_sampling else None
+        r = measure(ours_step_fn(cfg, params, tokenizer, v_hp, records, extra_records=extra), repeats)
+        print(f"{name:<40}{r['step_s']:>10.4f}{r['sample_s']:>20.4f}{r['train_s']:>10.4f}"
+              f"{r['step_s'] / default['step_s']:>11.2f}x")
 
 
 if __name__ == "__main__":
