@@ -33,7 +33,7 @@ import numpy as np
 
 from gemma_jax import decode
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import forward_hidden, init_cache, unembed
+from gemma_jax.model import forward_hidden, init_cache, lora_layer_slice, unembed
 
 
 @dataclasses.dataclass
@@ -151,7 +151,10 @@ def _generate_jit(params, lora, tokens_BP, mask_BP, seed, temperature, top_p, *,
     stop_S = jnp.asarray(stop_ids, jnp.int32)
     L = cfg.num_layers
     layers = tuple(params["layers"]) if cfg.layer_list else decode.unstack_layers(params["layers"], L)
-    lora_layers = decode.unstack_layers(None if lora is None else lora.layers, L)
+    if lora is not None and cfg.layer_list:  # Gemma 4's adapters are already per layer (tuples, None: no adapter)
+        lora_layers = tuple(lora_layer_slice(lora.layers, i) for i in range(L))
+    else:
+        lora_layers = decode.unstack_layers(None if lora is None else lora.layers, L)
     lora_scale = 0.0 if lora is None else lora.scale
 
     def sample_step(t, logits_RV, state):

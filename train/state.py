@@ -48,10 +48,12 @@ _STALE = re.compile(r"^step_\d{8,}\.(tmp|deleting)-")
 def make_meta(cfg, lora=None, **extra) -> dict:
     """The meta dict that identifies a run's shapes: the model config fields, and the LoRA scale and A/B shapes
     of each adapter. Extra JSON-able entries (e.g. data file, seed) are added as given."""
+    # Gemma 4's adapters are tuples over layers (None where a layer lacks the weight): a list of shapes per layer.
+    shape = lambda x: [shape(y) for y in x] if isinstance(x, tuple) else None if x is None else list(x.shape)  # noqa: E731
     meta = {"model": dataclasses.asdict(cfg)}
     if lora is not None:
         meta["lora"] = {"scale": float(lora.scale), "shapes": {
-            name: {"a": list(ab["a"].shape), "b": list(ab["b"].shape)} for name, ab in sorted(lora.layers.items())}}
+            name: {"a": shape(ab["a"]), "b": shape(ab["b"])} for name, ab in sorted(lora.layers.items())}}
     meta.update(extra)
     return json.loads(json.dumps(meta))  # normalise tuples to lists, so a saved meta compares equal to a fresh one
 
