@@ -127,11 +127,15 @@ def test_accumulation_equals_one_big_batch(setup, tokenizer):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
 
-def test_sigkill_and_resume_matches_uninterrupted(setup, tokenizer, tmp_path):
-    full, _, _ = run_toy(str(tmp_path / "full"), tokenizer.path, steps=4)
+@pytest.mark.parametrize("overrides", [{}, {"dynamic_sampling": True}], ids=["default", "dynamic_sampling"])
+def test_sigkill_and_resume_matches_uninterrupted(setup, tokenizer, tmp_path, overrides):
+    """Killed after checkpoint 2 and rerun, the run ends bit-identical to an uninterrupted one; with dynamic
+    sampling too, whose extra prompts and seeds are functions of (seed, step, round) only."""
+    full, _, _ = run_toy(str(tmp_path / "full"), tokenizer.path, steps=4, **overrides)
     killed = tmp_path / "killed"
     script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-              f"from test_grpo_learner import run_toy; run_toy({str(killed)!r}, {tokenizer.path!r}, 4)")
+              f"from test_grpo_learner import run_toy; "
+              f"run_toy({str(killed)!r}, {tokenizer.path!r}, 4, **{overrides!r})")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)),
                             env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -145,9 +149,12 @@ def test_sigkill_and_resume_matches_uninterrupted(setup, tokenizer, tmp_path):
     assert proc.returncode == -signal.SIGKILL  # it really was killed mid-run, not finished
     steps_done = sorted(os.listdir(killed / "checkpoints"))
     assert "step_00000004" not in steps_done
-    resumed, _, _ = run_toy(str(killed), tokenizer.path, steps=4)
+    resumed, _, _ = run_toy(str(killed), tokenizer.path, steps=4, **overrides)
     for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    if overrides:  # the extra rounds really ran (zero-spread groups of the toy reward were redrawn)
+        rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+        assert sum(r["dynamic/extra_draws"] for r in rows) > 0
 
 
 def test_trim_padding_is_exact(setup, tokenizer):
