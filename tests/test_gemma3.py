@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_utils import hf_logits, our_logits, padded_batch
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 from tunix_utils import to_tunix_gemma3, tunix_logits
@@ -44,26 +45,6 @@ def _randomize(model, seed):
     return model.eval()
 
 
-def _batch(vocab=512, pad=5):
-    tokens = np.random.RandomState(0).randint(4, vocab, size=(2, T))
-    mask = np.ones((2, T), bool)
-    mask[1, :pad] = False
-    tokens[1, :pad] = 0
-    return tokens, mask
-
-
-def _hf_logits(model, tokens, mask):
-    positions = np.maximum(mask.cumsum(1) - 1, 0)
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
-                    position_ids=torch.tensor(positions))
-    return out.logits.float().numpy()
-
-
-def _ours(params, cfg, tokens, mask):
-    return np.asarray(forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask))[0])
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def hf_case(request, tmp_path_factory):
     cfg = CASES[request.param]
@@ -83,8 +64,8 @@ def test_load_hf_matches_transformers_logits(hf_case):
     cfg, model, path = hf_case
     got_cfg, params = g.load_checkpoint(path)
     assert params["layers"]["q_norm"].shape == (7, 16)
-    tokens, mask = _batch()
-    diff = np.abs(_ours(params, got_cfg, tokens, mask) - _hf_logits(model, tokens, mask))[mask].max()
+    tokens, mask = padded_batch(T)
+    diff = np.abs(our_logits(params, got_cfg, tokens, mask) - hf_logits(model, tokens, mask))[mask].max()
     assert diff <= 1e-4, diff
 
 
@@ -92,11 +73,11 @@ def test_rope_scaling_and_local_base_matter(hf_case):
     """Dropping the scaling (or using one base everywhere) changes the logits far beyond the tolerance."""
     cfg, model, path = hf_case
     _, params = g.load_checkpoint(path)
-    tokens, mask = _batch()
-    ref = _hf_logits(model, tokens, mask)
+    tokens, mask = padded_batch(T)
+    ref = hf_logits(model, tokens, mask)
     wrong = dataclasses.replace(cfg, rope_local_base=None) if cfg.rope_scaling == 1.0 else \
         dataclasses.replace(cfg, rope_scaling=1.0)
-    assert np.abs(_ours(params, wrong, tokens, mask) - ref)[mask].max() > 1e-2
+    assert np.abs(our_logits(params, wrong, tokens, mask) - ref)[mask].max() > 1e-2
 
 
 def _params_with_norms(cfg, seed):
@@ -115,8 +96,8 @@ def test_save_hf_loads_in_transformers_with_same_logits(name, tmp_path):
     assert json.load(open(tmp_path / "config.json"))["model_type"] == "gemma3_text"
     model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(model).__name__ == "Gemma3ForCausalLM"
-    tokens, mask = _batch()
-    diff = np.abs(_ours(params, cfg, tokens, mask) - _hf_logits(model, tokens, mask))[mask].max()
+    tokens, mask = padded_batch(T)
+    diff = np.abs(our_logits(params, cfg, tokens, mask) - hf_logits(model, tokens, mask))[mask].max()
     assert diff <= 1e-4, diff
 
 
@@ -127,7 +108,7 @@ def test_matches_tunix_gemma3(name):
     cfg = CASES[name]
     params = _params_with_norms(cfg, 5)
     tokens = np.random.RandomState(1).randint(4, 512, size=(2, T))
-    ours = _ours(params, cfg, tokens, np.ones(tokens.shape, bool))
+    ours = our_logits(params, cfg, tokens, np.ones(tokens.shape, bool))
     theirs = tunix_logits(to_tunix_gemma3(params, cfg), tokens)
     diff = np.abs(ours - theirs).max()
     assert diff <= 1e-4, diff
@@ -150,17 +131,17 @@ def test_multimodal_text_tower_loads(tmp_path, capsys):
     n_vision = sum(1 for n, _ in model.state_dict().items() if "vision_tower" in n or "multi_modal" in n)
     assert f"skipped {n_vision} vision tensors" in log and n_vision > 10
     assert cfg.vocab_size == 512 and params["embed"].shape == (512, 96)
-    tokens, mask = _batch()
-    ref = _hf_logits(model, tokens, mask)[..., :512]
-    diff = np.abs(_ours(params, cfg, tokens, mask) - ref)[mask].max()
+    tokens, mask = padded_batch(T)
+    ref = hf_logits(model, tokens, mask)[..., :512]
+    diff = np.abs(our_logits(params, cfg, tokens, mask) - ref)[mask].max()
     assert diff <= 1e-4, diff
 
 
 def test_kv_cache_prefill_then_decode_equals_full_forward():
     cfg = C.TINY_GEMMA3
     params = _params_with_norms(cfg, 6)
-    tokens, mask = _batch()
-    full = _ours(params, cfg, tokens, mask)
+    tokens, mask = padded_batch(T)
+    full = our_logits(params, cfg, tokens, mask)
     cache = init_cache(cfg, 2, T)
     logits_a, cache = forward(params, jnp.asarray(tokens[:, :12]), cfg, pad_mask_BT=jnp.asarray(mask[:, :12]),
                               cache=cache)
@@ -390,7 +371,7 @@ def test_kaggle_gemma3_matches_tunix_loader(tmp_path, capsys):
     model = tunix_params.create_model_from_checkpoint(str(tmp_path / "k"), tunix_gemma3_config(cfg),
                                                       dtype=jnp.float32)
     tokens = np.random.RandomState(2).randint(4, 512, size=(2, T))
-    diff = np.abs(_ours(ours, got_cfg, tokens, np.ones(tokens.shape, bool)) - tunix_logits(model, tokens)).max()
+    diff = np.abs(our_logits(ours, got_cfg, tokens, np.ones(tokens.shape, bool)) - tunix_logits(model, tokens)).max()
     assert diff <= 1e-4, diff
 
 
@@ -414,8 +395,8 @@ def test_kaggle_gemma3_config_inferred_as_preset():
 def test_unrolled_and_remat_layers_equal_the_scan():
     cfg = C.TINY_GEMMA3
     params = _params_with_norms(cfg, 9)
-    tokens, mask = _batch()
-    ref = _ours(params, cfg, tokens, mask)
+    tokens, mask = padded_batch(T)
+    ref = our_logits(params, cfg, tokens, mask)
     for variant in (dict(scan_layers=False), dict(remat=True)):
-        got = _ours(params, dataclasses.replace(cfg, **variant), tokens, mask)
+        got = our_logits(params, dataclasses.replace(cfg, **variant), tokens, mask)
         assert np.abs(got - ref)[mask].max() <= 1e-5, variant

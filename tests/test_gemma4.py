@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_utils import hf_logits, our_logits, padded_batch
 from transformers import AutoModelForCausalLM, Gemma4ForCausalLM, Gemma4TextConfig
 
 import gemma_jax as g
@@ -56,26 +57,6 @@ def _randomize(model, seed):
     return model.eval()
 
 
-def _batch(vocab=512, pad=5):
-    tokens = np.random.RandomState(0).randint(4, vocab, size=(2, T))
-    mask = np.ones((2, T), bool)
-    mask[1, :pad] = False
-    tokens[1, :pad] = 0
-    return tokens, mask
-
-
-def _hf_logits(model, tokens, mask):
-    positions = np.maximum(mask.cumsum(1) - 1, 0)
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
-                    position_ids=torch.tensor(positions))
-    return out.logits.float().numpy()
-
-
-def _ours(params, cfg, tokens, mask):
-    return np.asarray(forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask))[0])
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def hf_case(request, tmp_path_factory):
     cfg = CASES[request.param]
@@ -89,8 +70,8 @@ def test_load_hf_matches_transformers_logits(hf_case):
     name, cfg, model, path = hf_case
     got_cfg, params = g.load_checkpoint(path)
     assert got_cfg == cfg
-    tokens, mask = _batch()
-    diff = np.abs(_ours(params, got_cfg, tokens, mask) - _hf_logits(model, tokens, mask))[mask].max()
+    tokens, mask = padded_batch(T)
+    diff = np.abs(our_logits(params, got_cfg, tokens, mask) - hf_logits(model, tokens, mask))[mask].max()
     print(f"gemma4 {name}: max |logits - transformers| = {diff:.2e}")
     assert diff <= 1e-4, diff
 
@@ -113,10 +94,10 @@ def test_rope_fraction_matters(hf_case):
     if name != "all":
         pytest.skip("one case is enough")
     _, params = g.load_checkpoint(path)
-    tokens, mask = _batch()
-    ref = _hf_logits(model, tokens, mask)
+    tokens, mask = padded_batch(T)
+    ref = hf_logits(model, tokens, mask)
     wrong = dataclasses.replace(cfg, global_rope_fraction=0.5)
-    assert np.abs(_ours(params, wrong, tokens, mask) - ref)[mask].max() > 1e-2
+    assert np.abs(our_logits(params, wrong, tokens, mask) - ref)[mask].max() > 1e-2
 
 
 def _random_params(cfg, seed):
@@ -136,8 +117,8 @@ def test_save_hf_loads_in_transformers_with_same_logits(name, tmp_path):
     assert json.load(open(tmp_path / "config.json"))["model_type"] == "gemma4_text"
     model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(model).__name__ == "Gemma4ForCausalLM"
-    tokens, mask = _batch()
-    diff = np.abs(_ours(params, cfg, tokens, mask) - _hf_logits(model, tokens, mask))[mask].max()
+    tokens, mask = padded_batch(T)
+    diff = np.abs(our_logits(params, cfg, tokens, mask) - hf_logits(model, tokens, mask))[mask].max()
     print(f"gemma4 save_hf {name}: max |logits - transformers| = {diff:.2e}")
     assert diff <= 1e-4, diff
     got_cfg, back = g.load_checkpoint(tmp_path)
@@ -213,8 +194,8 @@ def test_multimodal_text_tower_loads(tmp_path, capsys):
     n_other = sum(1 for n in model.state_dict() if "language_model" not in n and n != "lm_head.weight")
     assert f"skipped {n_other} vision/audio tensors" in log and n_other > 10
     assert cfg == _ALL
-    tokens, mask = _batch()
-    diff = np.abs(_ours(params, cfg, tokens, mask) - _hf_logits(model, tokens, mask))[mask].max()
+    tokens, mask = padded_batch(T)
+    diff = np.abs(our_logits(params, cfg, tokens, mask) - hf_logits(model, tokens, mask))[mask].max()
     print(f"gemma4 multimodal text tower: max |logits - transformers| = {diff:.2e}")
     assert diff <= 1e-4, diff
 
@@ -225,8 +206,8 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(name):
     KV-shared layers read their source layer's cache and new keys."""
     cfg = CASES[name]
     params = _random_params(cfg, 6)
-    tokens, mask = _batch()
-    full = _ours(params, cfg, tokens, mask)
+    tokens, mask = padded_batch(T)
+    full = our_logits(params, cfg, tokens, mask)
     cache = init_cache(cfg, 2, T)
     assert [c is None for c in cache["k"]] == [k.kv_source >= 0 for k in layer_kinds(cfg)]
     logits, cache = forward(params, jnp.asarray(tokens[:, :12]), cfg, pad_mask_BT=jnp.asarray(mask[:, :12]),
@@ -272,7 +253,7 @@ def test_sharded_forward_and_cache_equal_unsharded():
     params = _random_params(cfg, 7)
     sh = param_shardings(cfg, mesh)
     assert sh["layers"][0]["q"].spec == jax.sharding.PartitionSpec("fsdp", "tp", None)
-    tokens, mask = _batch()
+    tokens, mask = padded_batch(T)
     cache = init_cache(cfg, 2, T)
     ref, ref_cache = forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask), cache=cache)
     placed = jax.device_put(params, sh)
@@ -309,16 +290,16 @@ def test_lora_forward_equals_merged_weights(targets):
     if "kv" in targets:
         assert [a is None for a in lora.layers["kv"]["a"]] == [False, False, True, True, True, True]
         assert lora.layers["q"]["b"][2].shape == (4, 4, 32)
-    tokens, mask = _batch()
+    tokens, mask = padded_batch(T)
     adapted = np.asarray(forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask), lora=lora)[0])
-    merged = _ours(merge(params, lora), cfg, tokens, mask)
-    base = _ours(params, cfg, tokens, mask)
+    merged = our_logits(merge(params, lora), cfg, tokens, mask)
+    base = our_logits(params, cfg, tokens, mask)
     assert np.abs(adapted - merged)[mask].max() <= 1e-4
     assert np.abs(adapted - base)[mask].max() > 1e-2
     second = jax.tree.map(lambda x: 0.5 * x, lora)  # concat_lora(first, second) = both applied together
     both = np.asarray(forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask),
                               lora=concat_lora(lora, second))[0])
-    assert np.abs(both - _ours(merge(merge(params, lora), second), cfg, tokens, mask))[mask].max() <= 1e-4
+    assert np.abs(both - our_logits(merge(merge(params, lora), second), cfg, tokens, mask))[mask].max() <= 1e-4
     grads = jax.grad(lambda lo: forward(params, jnp.asarray(tokens), cfg, lora=lo)[0].sum())(lora)
     assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(grads))
 
