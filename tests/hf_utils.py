@@ -1,4 +1,4 @@
-"""Test-only helpers shared by the transformers parity tests (tests/test_gemma3.py, tests/test_gemma4.py)."""
+"""Test-only helpers shared by the transformers parity tests (test_model_hf.py, test_gemma3.py, test_gemma4.py)."""
 
 import jax.numpy as jnp
 import numpy as np

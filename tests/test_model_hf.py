@@ -15,13 +15,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hf_utils import hf_logits, our_logits, padded_batch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
 
 import gemma_jax as g
 from gemma_jax.checkpoint import load_hf
 from gemma_jax.config import config_from_hf
-from gemma_jax.model import forward, init_params
+from gemma_jax.model import init_params
 
 T = 20  # longer than the window (8)
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -42,26 +43,6 @@ def _hf_model(kind, seed=0):
     return model.eval()
 
 
-def _batch(vocab=512):
-    tokens = np.random.RandomState(0).randint(4, vocab, size=(2, T))
-    mask = np.ones((2, T), bool)
-    mask[1, :5] = False  # one left-padded row
-    tokens[1, :5] = 0
-    return tokens, mask
-
-
-def _hf_logits(model, tokens, mask):
-    positions = np.maximum(mask.cumsum(1) - 1, 0)
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
-                    position_ids=torch.tensor(positions))
-    return out.logits.float().numpy()
-
-
-def _ours(params, cfg, tokens, mask):
-    return np.asarray(forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask))[0])
-
-
 @pytest.fixture(scope="module", params=["gemma2", "gemma1"])
 def hf_case(request, tmp_path_factory):
     model = _hf_model(request.param)
@@ -75,9 +56,9 @@ def test_load_hf_matches_transformers_logits(hf_case):
     cfg, params = g.load_checkpoint(path)
     assert cfg.use_post_norms == (kind == "gemma2")
     assert (cfg.sliding_window, cfg.query_pre_attn_scalar) == ((8, 24) if kind == "gemma2" else (None, 16))
-    tokens, mask = _batch()
-    ref = _hf_logits(model, tokens, mask)
-    assert np.abs(_ours(params, cfg, tokens, mask) - ref)[mask].max() <= 1e-4
+    tokens, mask = padded_batch(T)
+    ref = hf_logits(model, tokens, mask)
+    assert np.abs(our_logits(params, cfg, tokens, mask) - ref)[mask].max() <= 1e-4
 
 
 def test_sharded_checkpoint_loads_the_same(hf_case, tmp_path):
@@ -111,9 +92,9 @@ def test_save_hf_loads_in_transformers_with_same_logits(cfg, tmp_path):
     g.save_hf(tmp_path, cfg, params)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(model).__name__ == ("Gemma2ForCausalLM" if cfg.use_post_norms else "GemmaForCausalLM")
-    tokens, mask = _batch(cfg.vocab_size)
-    ref = _hf_logits(model, tokens, mask)
-    assert np.abs(_ours(params, cfg, tokens, mask) - ref)[mask].max() <= 1e-4
+    tokens, mask = padded_batch(T, cfg.vocab_size)
+    ref = hf_logits(model, tokens, mask)
+    assert np.abs(our_logits(params, cfg, tokens, mask) - ref)[mask].max() <= 1e-4
 
 
 def test_save_hf_bf16_is_bf16_and_bit_exact(tmp_path):
@@ -146,10 +127,10 @@ def test_bf16_checkpoint_logits_close_to_transformers_bf16(tmp_path):
     assert cfg.param_dtype == "bfloat16" and params["layers"]["q"].dtype == jnp.bfloat16
     assert np.array_equal(np.asarray(params["embed"]).view(np.int16),
                           model.model.embed_tokens.weight.detach().view(torch.int16).numpy())
-    tokens, mask = _batch()
-    hf_bf16 = _hf_logits(model, tokens, mask)
-    ref32 = _hf_logits(model.float(), tokens, mask)
-    ours = _ours(params, cfg, tokens, mask)
+    tokens, mask = padded_batch(T)
+    hf_bf16 = hf_logits(model, tokens, mask)
+    ref32 = hf_logits(model.float(), tokens, mask)
+    ours = our_logits(params, cfg, tokens, mask)
     scale = np.abs(ref32[mask]).max()
     ours_err, hf_err = np.abs(ours - ref32)[mask].max(), np.abs(hf_bf16 - ref32)[mask].max()
     assert np.abs(ours - hf_bf16)[mask].max() <= 0.03 * scale
