@@ -22,6 +22,7 @@ from cli import grpo as grpo_cli
 from cli import sft as sft_cli
 from cli.common import UsageError, load_model
 from grpo.evaluate import evaluate
+from grpo.rollout import exact_match
 from rewards.format import strict_blocks
 from rewards.math import math_correct
 from train.metrics import read_metrics
@@ -46,10 +47,11 @@ SFT_ARGS = ["--lr", "2e-3", "--max-len", "128", "--batch", "8", "--grad-accum", 
 GRPO_ARGS = ["--steps", "60", "--prompts-per-step", "16", "--group-size", "8", "--micro-batch", "32",
              "--max-prompt-tokens", "96", "--max-new-tokens", "64", "--temperature", "1.0", "--top-k", "10",
              "--lr", "1e-3", "--beta", "0.04", "--clip", "1.0", "--weight-decay", "0", "--eval-every", "20",
-             "--eval-limit", "300", "--save-every", "20", "--sample-every", "20", "--lora-rank", "8",
+             "--eval-limit", "400", "--save-every", "20", "--sample-every", "20", "--lora-rank", "8",
              "--lora-alpha", "16"]
 EVAL_KEYS = ("strict_format_rate", "math_accuracy", "general_exact_match", "prob_reward_mean", "completion_len_mean",
-             "math_step_by_step_share", "math_accuracy_step_by_step", "math_accuracy_one_line")
+             "math_step_by_step_share", "math_accuracy_step_by_step", "math_accuracy_one_line",
+             "general_step_by_step_share", "general_em_step_by_step", "general_em_one_line")
 
 
 def check_bundled():
@@ -59,31 +61,43 @@ def check_bundled():
                          "Rebuild them with `bash scripts/tiny.sh`, or pass --base/--data explicitly.")
 
 
-def math_forms(records, texts) -> dict:
-    """How the math completions reason: the share written step by step (two equations, the long form of the
-    bundled traces) rather than in one line, and the accuracy of each form. This is what GRPO changes here."""
-    counts = {"step_by_step": [0, 0], "one_line": [0, 0]}
-    for r, t in zip(records, texts):
-        if r.get("domain") != "math":
-            continue
-        parsed = strict_blocks(t)
-        form = "step_by_step" if parsed and parsed[0].count("=") >= 2 else "one_line"
-        counts[form][0] += 1
-        counts[form][1] += math_correct(t, r["answer"])
-    n = sum(c[0] for c in counts.values())
-    out = {"math_step_by_step_share": counts["step_by_step"][0] / max(n, 1)}
-    for form, (k, right) in counts.items():
-        out[f"math_accuracy_{form}"] = right / k if k else float("nan")
+def _step_by_step(domain: str, reasoning: str) -> bool:
+    """The long form of the bundled traces: two equations (math), or two or more sentences (general: the state
+    after each step), rather than one line stating the result."""
+    return reasoning.count("=") >= 2 if domain == "math" else reasoning.count(". ") + reasoning.endswith(".") >= 2
+
+
+def reasoning_forms(records, texts) -> dict:
+    """How each domain's completions reason: the share written step by step (the long form of the bundled traces)
+    rather than in one line, and the accuracy (math) or exact match (general) of each form. This is what GRPO
+    changes here."""
+    out = {}
+    for domain, score, name in (("math", math_correct, "math_accuracy"), ("general", exact_match, "general_em")):
+        counts = {"step_by_step": [0, 0], "one_line": [0, 0]}
+        for r, t in zip(records, texts):
+            if (r.get("domain") == "math") != (domain == "math"):
+                continue
+            parsed = strict_blocks(t)
+            form = "step_by_step" if parsed and _step_by_step(domain, parsed[0]) else "one_line"
+            counts[form][0] += 1
+            counts[form][1] += score(t, r["answer"])
+        n = sum(c[0] for c in counts.values())
+        out[f"{domain}_step_by_step_share"] = counts["step_by_step"][0] / max(n, 1)
+        for form, (k, right) in counts.items():
+            out[f"{name}_{form}"] = right / k if k else float("nan")
     return out
 
 
-def heldout_eval(adapters, *, max_new_tokens=64, limit=None, samples_path=None):
-    """Greedy metrics of the bundled base (+ adapters, if given) on the held-out RL split."""
+def heldout_eval(adapters, *, max_new_tokens=64, limit=None, samples_path=None, texts_out=None):
+    """Greedy metrics of the bundled base (+ adapters, if given) on the held-out RL split (the completions are
+    appended to `texts_out` when given)."""
     cfg, params, lora, tok = load_model(PATHS["base"], PATHS["tokenizer"], adapters)
     records = grpo_cli.load_rl_records([PATHS["rl_eval"]], tok, kind="recipe_csv", limit=limit)
     metrics, texts = evaluate(params, cfg, lora, records, tok, max_prompt_tokens=96, max_new_tokens=max_new_tokens,
                               batch_size=64, samples_path=samples_path, return_texts=True)
-    return {**metrics, **math_forms(records, texts)}
+    if texts_out is not None:
+        texts_out.extend(texts)
+    return {**metrics, **reasoning_forms(records, texts)}
 
 
 def print_table(title, before, after, print_fn=print):

@@ -3,8 +3,10 @@
 Two domains, as in the recipe:
 - math: multi-step arithmetic word problems with numeric answers that must be computed (two operations each,
   never a number copied from the question), scored by answer correctness;
-- general: word-list and calendar tasks with string answers (reverse a list, pick the alphabetically first word,
-  the day k days after a weekday), scored by the RLPR probability reward.
+- general: two-step word-list, swap and calendar tasks with string answers (two list operations in a row, what a
+  person holds after two swaps, the weekday after two waits), scored during GRPO by the RLPR probability reward
+  only. As for math, the long trace writes the state after each step and the short one only states the result,
+  so writing the work out is what makes the reference answer likely for a tiny model.
 
 Every item comes with a worked reasoning, so the same generator yields a pre-training corpus (plain prose), SFT
 traces (`user, assistant` CSV with the reasoning/answer tags) and RL prompts (`question, answer, domain,
@@ -61,30 +63,63 @@ def _math_item(rng):
     return q, r, f"{c} - {a} * {b} = {c - a * b}.", str(c - a * b)
 
 
+# The list operations of the general word-list task, each written the same way in the question and in the steps.
+LIST_OPS = {
+    "move the first word to the end": lambda w: w[1:] + w[:1],
+    "move the last word to the front": lambda w: w[-1:] + w[:-1],
+    "swap the first two words": lambda w: [w[1], w[0], *w[2:]],
+    "swap the last two words": lambda w: [*w[:-2], w[-1], w[-2]],
+    "reverse the words": lambda w: w[::-1],
+}
+
+
+def _list_item(rng):
+    """Two list operations in a row on 3-4 words: the long form writes the list after each one."""
+    while True:
+        words = rng.sample(WORDS, rng.randint(3, 4))
+        op1, op2 = rng.sample(sorted(LIST_OPS), 2)
+        mid = LIST_OPS[op1](words)
+        end = LIST_OPS[op2](mid)
+        if end != words:  # the answer is never the question's own list
+            break
+    q = f"Start with {' '.join(words)}. First {op1}, then {op2}. What are the words now?"
+    r = f"{op1.capitalize()}: {' '.join(mid)}. {op2.capitalize()}: {' '.join(end)}."
+    return q, r, f"The words become {' '.join(end)}.", " ".join(end)
+
+
+def _swap_item(rng):
+    """Three people swap what they hold twice (two different pairs); the question asks what one ends with."""
+    people, things = rng.sample(NAMES, 3), rng.sample(ITEMS, 3)
+    held = dict(zip(people, things))
+    q_start = ", ".join(f"{p} has the {t}" for p, t in held.items())
+    first, second = rng.sample([(0, 1), (0, 2), (1, 2)], 2)
+    steps = []
+    for i, j in (first, second):
+        a, b = people[i], people[j]
+        held[a], held[b] = held[b], held[a]
+        steps.append(f"{a} and {b} swap: " + ", ".join(f"{p} {held[p]}" for p in people) + ".")
+    who = rng.choice(people)
+    (a1, b1), (a2, b2) = [(people[i], people[j]) for i, j in (first, second)]
+    q = f"{q_start}. {a1} and {b1} swap, then {a2} and {b2} swap. What does {who} have?"
+    steps.append(f"So {who} has the {held[who]}.")
+    return q, " ".join(steps), f"{who} has the {held[who]}.", held[who]
+
+
+def _calendar_item(rng):
+    """A weekday after two waits in a row: the long form names the day after each wait."""
+    name, day, k1 = rng.choice(NAMES), rng.randrange(7), rng.randint(1, 9)
+    k2 = rng.choice([k for k in range(1, 10) if (k1 + k) % 7])  # never back on the question's own day
+    mid, end = DAYS[(day + k1) % 7], DAYS[(day + k1 + k2) % 7]
+    q = f"Today is {DAYS[day]}. {name} leaves in {k1} days and comes back {k2} days later. " \
+        f"On which day does {name} come back?"
+    r = f"Counting {k1} days from {DAYS[day]} gives {mid}. Counting {k2} days from {mid} gives {end}."
+    return q, r, f"{name} comes back on {end}.", end
+
+
 def _general_item(rng):
-    """One word-list or calendar task with a string answer: (question, reasoning, answer)."""
-    kind = rng.randrange(3)
-    if kind == 0:
-        words = rng.sample(WORDS, rng.randint(3, 4))
-        q = f"Reverse the order of these words: {' '.join(words)}"
-        r = f"The words are {', '.join(words)}. From last to first they are {', '.join(reversed(words))}."
-        return q, r, f"Reversed they are {', '.join(reversed(words))}.", " ".join(reversed(words))
-    if kind == 1:
-        words = rng.sample(WORDS, rng.randint(3, 4))
-        while len({w[0] for w in words}) < len(words):  # distinct first letters: the reasoning below suffices
-            words = rng.sample(WORDS, len(words))
-        first = min(words)
-        q = f"Which word comes first in alphabetical order: {', '.join(words)}?"
-        r = f"The first letters are {', '.join(w[0] for w in words)}. The earliest is {first[0]}, so it is {first}."
-        return q, r, f"It is {first}.", first
-    name, day, k = rng.choice(NAMES), rng.randrange(7), rng.randint(1, 9)
-    if rng.random() < 0.5:
-        q = f"Today is {DAYS[day]}. {name} will travel in {k} days. On which day will {name} travel?"
-    else:
-        q = f"{name} starts a trip on {DAYS[day]}. The trip lasts {k} days. On which day does the trip end?"
-    steps = ", ".join(DAYS[(day + i) % 7] for i in range(1, k + 1))
-    r = f"Counting {k} days after {DAYS[day]}: {steps}."
-    return q, r, f"{k} days after {DAYS[day]} is {DAYS[(day + k) % 7]}.", DAYS[(day + k) % 7]
+    """One general task with a string answer: (question, reasoning, short reasoning, answer). Each needs two
+    steps; the long form writes the state after each, the short form only states the result (as for math)."""
+    return [_list_item, _swap_item, _calendar_item][rng.randrange(3)](rng)
 
 
 def make_items(n, domain, seed, exclude=frozenset()):
@@ -117,8 +152,9 @@ def write_all(out_dir, *, seed=0, n_sft=2000, n_rl=1000, n_eval=200, n_corpus=20
     for split, n in [("eval", n_eval), ("rl", n_rl), ("sft", n_sft)]:
         items = []
         for domain in ("math", "general"):
-            # Half the general items: the evaluation's main number is math accuracy.
-            k = n if domain == "math" else n // 2
+            # Half as many general items to train on (math is the bigger half of the recipe's data); the held-out
+            # split has as many of each, so both domains' accuracies are measured on 200 items.
+            k = n if domain == "math" or split == "eval" else n // 2
             new = make_items(k, domain, f"{seed}-{split}", exclude=frozenset(taken))
             taken.update(it["question"] for it in new)
             items += new
@@ -130,14 +166,19 @@ def write_all(out_dir, *, seed=0, n_sft=2000, n_rl=1000, n_eval=200, n_corpus=20
     with open(os.path.join(out_dir, "corpus.txt"), "w") as f:
         f.write("\n\n".join(corpus_lines(corpus_items)) + "\n")
     for name, items in [("sft_train", splits["sft"]), ("sft_eval", splits["eval"])]:
-        # The teacher's traces: a long (step-by-step) chain of thought with probability long_share, else a short
-        # one (a single line). Its own RNG, so the questions (and corpus, tokenizer, base) do not depend on it.
+        # The teacher's traces: exactly round(long_share * n) of each domain's n items get the long (step-by-step)
+        # chain of thought, the others the short one (a single line). Its own RNG, so the questions (and corpus,
+        # tokenizer, base) do not depend on it.
         form_rng = random.Random(f"form-{seed}-{name}")
+        long_rows = set()
+        for domain in ("math", "general"):
+            rows = [i for i, it in enumerate(items) if it["domain"] == domain]
+            long_rows.update(form_rng.sample(rows, round(long_share * len(rows))))
         with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["user", "assistant", "domain", "system"])
-            for it in items:
-                reasoning = it["reasoning"] if form_rng.random() < long_share else it["short_reasoning"]
+            for i, it in enumerate(items):
+                reasoning = it["reasoning"] if i in long_rows else it["short_reasoning"]
                 w.writerow([it["question"], render_completion(reasoning, it["answer"]), it["domain"],
                             SYSTEM[it["domain"]]])
     for name, items in [("rl_train", splits["rl"]), ("rl_eval", splits["eval"])]:

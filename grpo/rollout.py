@@ -96,7 +96,7 @@ def make_score_fn(params, cfg, lora, *, pad_id: int = 0, max_rows: int = 16):
     return score_fn
 
 
-def _exact(text: str, reference) -> bool:
+def exact_match(text: str, reference) -> bool:
     """The extracted answer equals the reference after strip + casefold. Not normalize_answer: its math rules make
     different text answers equal ("5 days" and "5 weeks" both become "5": unit words after a number are dropped)."""
     ans = extract_answer(text)
@@ -105,11 +105,11 @@ def _exact(text: str, reference) -> bool:
 
 def text_metrics(texts, records) -> dict:
     """Strict-format rate over all samples; math accuracy (extracted answer equivalent to the reference) over the
-    math records and general exact match (extracted answer == reference, `_exact`) over the others, each NaN when
+    math records and general exact match (extracted answer == reference, `exact_match`) over the others, each NaN when
     there are none. Records are split as the reward routes them (rewards.router.reward_type)."""
     is_math = [reward_type(r, i) == "math" for i, r in enumerate(records)]
     correct = [math_correct(t, r.get("answer", "")) for t, r, m in zip(texts, records, is_math) if m]
-    exact = [_exact(t, r.get("answer", "")) for t, r, m in zip(texts, records, is_math) if not m]
+    exact = [exact_match(t, r.get("answer", "")) for t, r, m in zip(texts, records, is_math) if not m]
     return {"strict_format_rate": float(np.mean([is_strict(t) for t in texts])) if texts else float("nan"),
             "math_accuracy": float(np.mean(correct)) if correct else float("nan"),
             "general_exact_match": float(np.mean(exact)) if exact else float("nan")}

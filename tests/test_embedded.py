@@ -59,7 +59,7 @@ def test_heldout_split_shares_no_question(generated):
     out, counts = generated
     rl_eval = read_csv(os.path.join(out, "rl_eval.csv"))
     held = {r["question"] for r in rl_eval}
-    assert len(held) == len(rl_eval) == counts["eval"] == 300
+    assert len(held) == len(rl_eval) == counts["eval"] == 400
     train = {r["user"] for r in read_csv(os.path.join(out, "sft_train.csv"))}
     train |= {r["question"] for r in read_csv(os.path.join(out, "rl_train.csv"))}
     corpus = open(os.path.join(out, "corpus.txt")).read()
@@ -69,24 +69,64 @@ def test_heldout_split_shares_no_question(generated):
     assert {r["user"] for r in read_csv(os.path.join(out, "sft_eval.csv"))} == held
 
 
+# The general tasks solved again from the question text alone, with list operations written independently of the
+# generator's table: each returns (answer, the long trace's steps as they must read).
+LIST_STEPS = {"move the first word to the end": lambda w: w[1:] + w[:1],
+              "move the last word to the front": lambda w: w[-1:] + w[:-1],
+              "swap the first two words": lambda w: w[1::-1] + w[2:],
+              "swap the last two words": lambda w: w[:-2] + w[:-3:-1],
+              "reverse the words": lambda w: list(reversed(w))}
+LIST_Q = re.compile(r"Start with ([a-z ]+)\. First ([a-z ]+), then ([a-z ]+)\. What are the words now\?")
+SWAP_Q = re.compile(r"(\w+) has the (\w+), (\w+) has the (\w+), (\w+) has the (\w+)\. (\w+) and (\w+) swap, "
+                    r"then (\w+) and (\w+) swap\. What does (\w+) have\?")
+DAY_Q = re.compile(r"Today is (\w+)\. (\w+) leaves in (\d) days and comes back (\d) days later\. "
+                   r"On which day does \2 come back\?")
+
+
+def solve_general(q):
+    days = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+    if m := LIST_Q.fullmatch(q):
+        words, steps = m[1].split(), []
+        for op in (m[2], m[3]):
+            words = LIST_STEPS[op](words)
+            steps.append(f"{op[0].upper()}{op[1:]}: {' '.join(words)}.")
+        assert words != m[1].split()
+        return " ".join(words), steps
+    if m := SWAP_Q.fullmatch(q):
+        people = [m[1], m[3], m[5]]
+        held = {m[1]: m[2], m[3]: m[4], m[5]: m[6]}
+        start, steps = dict(held), []
+        for a, b in ((m[7], m[8]), (m[9], m[10])):
+            held[a], held[b] = held[b], held[a]
+            steps.append(f"{a} and {b} swap: " + ", ".join(f"{p} {held[p]}" for p in people) + ".")
+        assert held[m[11]] != start[m[11]]  # two different swaps move every item
+        return held[m[11]], [*steps, f"So {m[11]} has the {held[m[11]]}."]
+    m = DAY_Q.fullmatch(q)
+    assert m, f"no general task reads like {q!r}"
+    mid = days[(days.index(m[1]) + int(m[3])) % 7]
+    end = days[(days.index(mid) + int(m[4])) % 7]
+    assert end != m[1]
+    return end, [f"Counting {m[3]} days from {m[1]} gives {mid}.", f"Counting {m[4]} days from {mid} gives {end}."]
+
+
 def test_answers_are_computed_and_both_forms_agree():
-    items = tiny_tasks.make_items(400, "math", "check") + tiny_tasks.make_items(200, "general", "check")
+    """Every math equation is true; every general answer follows from its question (solved again here), each step
+    of a long general trace is the true state after that step, and the short trace states the answer."""
+    items = tiny_tasks.make_items(400, "math", "check") + tiny_tasks.make_items(600, "general", "check")
     n_eq = 0
     for it in items:
         for form in ("reasoning", "short_reasoning"):
             n_eq += check_equations(it[form])
-            assert it["answer"].split()[-1] in it[form], (form, it)
+            assert it[form].endswith(f"{it['answer']}."), (form, it)
         if it["domain"] == "math":
             assert it["reasoning"].count("=") == 2 and it["short_reasoning"].count("=") == 1
     assert n_eq == 400 * 3  # two equations in each long math trace, one in each short one
-    days, n_days = tiny_tasks.DAYS, 0
-    for it in items:
-        m = re.match(r"(\d+) days after (\w+) is (\w+)\.", it["short_reasoning"])
-        if m:
-            k, start, end = int(m[1]), days.index(m[2]), days.index(m[3])
-            assert (start + k) % 7 == end and it["answer"] == m[3]
-            n_days += 1
-    assert n_days > 40  # about a third of the 200 general items are calendar tasks
+    kinds = []
+    for it in items[400:]:
+        answer, steps = solve_general(it["question"])
+        assert it["answer"] == answer and it["reasoning"] == " ".join(steps), it
+        kinds.append(it["question"].split()[0])
+    assert kinds.count("Start") > 150 and kinds.count("Today") > 150  # the three kinds in about equal shares
 
 
 def test_sft_traces_mix_long_and_short_one_to_four(generated):
@@ -102,11 +142,17 @@ def test_sft_traces_mix_long_and_short_one_to_four(generated):
     assert len(records) == 3000
     threshold = int(SFT_ARGS[SFT_ARGS.index("--long-threshold") + 1])
     count = lambda t: len(tok.encode(t))  # noqa: E731
-    math_long = [r for r in records if r["domain"] == "math" and count(r["reasoning"]) > threshold]
-    math_short = [r for r in records if r["domain"] == "math" and count(r["reasoning"]) <= threshold]
-    assert all(r["reasoning"].count("=") == 2 for r in math_long)  # the threshold separates the math forms
-    assert all(r["reasoning"].count("=") == 1 for r in math_short)
-    assert 0.17 < len(math_long) / 2000 < 0.23
+    def is_long(r):  # the teacher's long form: two equations, or the general task's steps in full
+        if r["domain"] == "math":
+            return r["reasoning"].count("=") == 2
+        return r["reasoning"] == " ".join(solve_general(r["prompt"])[1])
+
+    for domain, n in (("math", 2000), ("general", 1000)):
+        rows = [r for r in records if r["domain"] == domain]
+        is_long = [is_long(r) for r in rows]
+        assert len(rows) == n and sum(is_long) == n // 5  # exactly 1 long : 4 short in each domain
+        # the token threshold separates the two forms exactly, so the CoT mix below sees the teacher's forms
+        assert all((count(r["reasoning"]) > threshold) == lg for r, lg in zip(rows, is_long)), domain
     mixed = mix_long_short(records, count_tokens=count, long_threshold=threshold, ratio=(1, 4), seed=0)
     n_long = sum(count(r["reasoning"]) > threshold for r in mixed)
     assert n_long * 4 == len(mixed) - n_long and len(mixed) > 2800
@@ -114,13 +160,21 @@ def test_sft_traces_mix_long_and_short_one_to_four(generated):
 
 def test_bundled_sft_adapters_follow_the_format():
     """The committed SFT checkpoint (what `run.py --stage grpo` starts from) keeps the output contract on the
-    held-out split: strict format >= 95% as the issue requires (greedy, first 64 records)."""
+    held-out split: strict format >= 95% in each domain (greedy, first 96 records), mostly in one line."""
     from cli.embedded import heldout_eval
+    from cli.grpo import load_rl_records
+    from gemma_jax.tokenizer import Tokenizer
+    from rewards.format import is_strict
 
-    m = heldout_eval(PATHS["sft_adapters"], limit=64)
-    assert m["num_records"] == 64
-    assert m["strict_format_rate"] >= 0.95
-    assert m["math_step_by_step_share"] < 0.2  # greedy SFT mostly answers in the one-line form (GRPO's room)
+    texts = []
+    m = heldout_eval(PATHS["sft_adapters"], limit=96, texts_out=texts)
+    records = load_rl_records([PATHS["rl_eval"]], Tokenizer(PATHS["tokenizer"]), kind="recipe_csv", limit=96)
+    assert m["num_records"] == len(texts) == 96
+    for domain in ("math", "general"):
+        strict = [is_strict(t) for t, r in zip(texts, records) if r["domain"] == domain]
+        assert len(strict) > 30 and sum(strict) / len(strict) >= 0.95, (domain, sum(strict), len(strict))
+    # greedy SFT mostly answers in the one-line form (the room GRPO has)
+    assert m["math_step_by_step_share"] < 0.3 and m["general_step_by_step_share"] < 0.3
 
 
 def test_embedded_settings_fit_the_bundled_prompts():
@@ -134,3 +188,18 @@ def test_embedded_settings_fit_the_bundled_prompts():
     for key in ("rl_train", "rl_eval"):
         for r in load_rl_records([PATHS[key]], tok, kind="recipe_csv"):
             assert len(tok.encode_chat(r["question"], r["system"])) == len(prompt_ids(r, tok, budget)) <= budget
+
+
+def test_reasoning_forms_counts_each_domains_forms():
+    from cli.embedded import reasoning_forms
+    from rewards.tags import render_completion
+
+    records = [{"domain": "math", "answer": "8"}, {"domain": "math", "answer": "8"},
+               {"domain": "general", "answer": "Friday"}, {"domain": "general", "answer": "Friday"},
+               {"domain": "general", "answer": "cup"}]
+    texts = [render_completion("4 + 5 = 9. 9 - 1 = 8.", "8"), render_completion("4 + 5 - 1 = 7.", "7"),
+             render_completion("2 days after Monday is Wednesday. 2 days after Wednesday is Friday.", "Friday"),
+             render_completion("Ana comes back on Friday.", "Friday"), "Ana has the cup."]  # the last: not strict
+    m = reasoning_forms(records, texts)
+    assert m == {"math_step_by_step_share": 0.5, "math_accuracy_step_by_step": 1.0, "math_accuracy_one_line": 0.0,
+                 "general_step_by_step_share": 1 / 3, "general_em_step_by_step": 1.0, "general_em_one_line": 0.5}
