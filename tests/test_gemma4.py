@@ -126,7 +126,7 @@ def test_save_hf_loads_in_transformers_with_same_logits(name, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)))
 
 
-@pytest.mark.parametrize("name", ["GEMMA4_E2B", "GEMMA4_E4B", "GEMMA4_31B", "TINY_GEMMA4"])
+@pytest.mark.parametrize("name", ["GEMMA4_E2B", "GEMMA4_E4B", "GEMMA4_12B", "GEMMA4_31B", "TINY_GEMMA4"])
 def test_preset_param_count_equals_transformers(name):
     """jax.eval_shape-style abstract params against Gemma4ForCausalLM on the meta device. transformers keeps
     layer_scalar as a (saved) buffer, not a parameter: one number per layer, added to its count."""
@@ -139,11 +139,30 @@ def test_preset_param_count_equals_transformers(name):
     assert ours == theirs, (ours, theirs)
 
 
-@pytest.mark.parametrize("name", ["GEMMA4_E2B", "GEMMA4_E4B", "GEMMA4_31B", "TINY_GEMMA4"])
+@pytest.mark.parametrize("name", ["GEMMA4_E2B", "GEMMA4_E4B", "GEMMA4_12B", "GEMMA4_31B", "TINY_GEMMA4"])
 def test_config_round_trips_through_hf(name):
     cfg = getattr(C, name)
     assert config_from_hf(config_to_hf(cfg)) == cfg
     assert config_from_hf(_hf_config(cfg).to_dict()) == cfg
+
+
+def test_12b_preset_counts_as_transformers_gemma4_unified():
+    """GEMMA4_12B is the text model of google/gemma-4-12B-it (model_type gemma4_unified), which transformers builds
+    as Gemma4UnifiedForCausalLM: the same count on the meta device as its Gemma4ForCausalLM twin (11,907,350,320;
+    the model card's 11.95 B adds the vision and audio embedders), and the published layer pattern."""
+    from transformers.models.gemma4_unified import Gemma4UnifiedForCausalLM, Gemma4UnifiedTextConfig
+
+    cfg = C.GEMMA4_12B
+    d = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    with torch.device("meta"):
+        model = Gemma4UnifiedForCausalLM(Gemma4UnifiedTextConfig(**d))
+    theirs = sum(p.numel() for p in model.parameters())
+    theirs += sum(b.numel() for n, b in model.named_buffers() if n.endswith("layer_scalar"))
+    assert count_params(jax.eval_shape(lambda: abstract_params(cfg))) == theirs == 11_907_350_320
+    assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"] + (
+        ["sliding_attention"] * 5 + ["full_attention"]) * 7
+    assert {(k.head_dim, k.kv_heads, k.k_eq_v, k.hidden) for k in layer_kinds(cfg)} == {(256, 8, False, 15360),
+                                                                                        (512, 1, True, 15360)}
 
 
 def test_presets_layer_patterns():
