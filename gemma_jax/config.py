@@ -199,8 +199,7 @@ TINY_GEMMA3 = GemmaConfig(
 # 12B ("Gemma 4 12B Unified", model_type gemma4_unified): the text_config of google/gemma-4-12B-it's config.json
 # (48 layers, D 3840, F 15360, 16 heads, 8 kv heads, global layers 1 kv head with k = v, window 1024, 5 : 1 pattern,
 # no PLE, no KV sharing); transformers 5.12.1 runs it as Gemma4UnifiedForCausalLM, whose text layers are
-# Gemma4TextModel's without PLE (tests/test_gemma4.py counts both). Its checkpoints are not read yet
-# (config_from_hf refuses model_type gemma4_unified), so the preset serves planning (bench/memory_report.py).
+# Gemma4TextModel's without PLE (tests/test_gemma4.py counts both and checks the logits of a tiny one).
 # The 26B-A4B mixture-of-experts model is not implemented here.
 _GEMMA4 = dict(vocab_size=262_144, head_dim=256, query_pre_attn_scalar=1.0, final_logit_softcap=30.0,
                use_post_norms=True, use_qk_norm=True, rope_base=1_000_000.0, rope_local_base=10_000.0,
@@ -305,10 +304,12 @@ def config_from_hf(path_or_dict, *, param_dtype: str | None = None) -> GemmaConf
         raw = {"model_type": "gemma3_text", **({"dtype": dtype_top} if dtype_top else {}), **raw["text_config"]}
         model_type = raw["model_type"]
         source = f"{source} (text_config)"
-    if model_type == "gemma4":  # multimodal: the text tower's embedding is the text vocabulary already
+    if model_type == "gemma4_unified_text":  # Gemma 4 12B's text model: Gemma4TextModel's layers without PLE
+        raw, model_type = {**raw, "model_type": "gemma4_text"}, "gemma4_text"
+    if model_type in ("gemma4", "gemma4_unified"):  # multimodal: the text embedding is the text vocabulary already
         unknown = sorted(k for k in raw if k not in _HF_GEMMA4_MM_KEYS)
         if unknown or not isinstance(raw.get("text_config"), dict):
-            raise ValueError(f"{source}: a 'gemma4' config needs a text_config dict; unknown field(s) {unknown}")
+            raise ValueError(f"{source}: a {model_type!r} config needs a text_config dict; unknown field(s) {unknown}")
         dtype_top = raw.get("dtype") or raw.get("torch_dtype")
         raw = {**({"dtype": dtype_top} if dtype_top else {}), **raw["text_config"], "model_type": "gemma4_text"}
         model_type = raw["model_type"]
