@@ -80,8 +80,9 @@ _FLOAT_NAMES = ("float32", "bfloat16", "float16")
 # Gemma3ForConditionalGeneration: text-tower prefixes (-> "model."), and the prefixes of what we skip.
 _TEXT_TOWER_PREFIXES = ("language_model.model.", "model.language_model.")
 _TEXT_TOWER_LM_HEAD = ("language_model.lm_head.weight", "lm_head.weight")
+# The last 4: Gemma 4 (model.vision_embedder.: Gemma 4 12B's vision embedder as its files name it).
 _NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
-                      "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")  # the last 3: Gemma 4
+                      "model.audio_tower.", "model.embed_vision.", "model.embed_audio.", "model.vision_embedder.")
 TUNIX_PADDED_VOCAB = 256_128  # Tunix's embedding rows for real Gemma checkpoints
 GEMMA_VOCAB = 256_000  # the real tokenizer's vocabulary
 
@@ -296,7 +297,7 @@ def _hf_tensor_files(path: str) -> dict:
 
 
 def _text_tower(files: dict, path: str, model_type: str = "gemma3") -> dict:
-    """A Gemma3ForConditionalGeneration (or Gemma4ForConditionalGeneration) file's tensors renamed to
+    """A Gemma3ForConditionalGeneration (or Gemma4[Unified]ForConditionalGeneration) file's tensors renamed to
     Gemma3ForCausalLM (Gemma4ForCausalLM) names (module docstring); the vision (and Gemma 4 audio) towers and
     their projectors are dropped, with one printed line. Each entry gains the stored name:
     new name -> (file, header entry, name in the file)."""
@@ -331,7 +332,7 @@ def load_hf(path, dtype=None) -> tuple[GemmaConfig, dict]:
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
     embed_rows, stored = None, {}
-    if raw.get("model_type") in ("gemma3", "gemma4"):
+    if raw.get("model_type") in ("gemma3", "gemma4", "gemma4_unified"):
         files = _text_tower(files, path, raw["model_type"])
         stored = {name: entry[2] for name, entry in files.items()}
         files = {name: entry[:2] for name, entry in files.items()}

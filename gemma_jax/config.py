@@ -196,8 +196,11 @@ TINY_GEMMA3 = GemmaConfig(
 # KV sharing: Tunix frac_shared_layers 20/35 (E2B: 20 layers) and 18/42 (E4B: 18). Double-wide MLP: Tunix
 # override_kv_shared_ffw_hidden = 2 * hidden_dim, set for E2B only. 31B: Tunix num_global_kv_heads 4 with
 # k_eq_v_global, no PLE. Layer pattern: Tunix attention_pattern (E2B 4 local : 1 global, others 5 : 1).
-# No 12B: neither Tunix 0.1.7 nor transformers 5.12.1 describes a 12B Gemma 4; the 26B-A4B mixture-of-experts
-# model is not implemented here.
+# 12B ("Gemma 4 12B Unified", model_type gemma4_unified): the text_config of google/gemma-4-12B-it's config.json
+# (48 layers, D 3840, F 15360, 16 heads, 8 kv heads, global layers 1 kv head with k = v, window 1024, 5 : 1 pattern,
+# no PLE, no KV sharing); transformers 5.12.1 runs it as Gemma4UnifiedForCausalLM, whose text layers are
+# Gemma4TextModel's without PLE (tests/test_gemma4.py counts both and checks the logits of a tiny one).
+# The 26B-A4B mixture-of-experts model is not implemented here.
 _GEMMA4 = dict(vocab_size=262_144, head_dim=256, query_pre_attn_scalar=1.0, final_logit_softcap=30.0,
                use_post_norms=True, use_qk_norm=True, rope_base=1_000_000.0, rope_local_base=10_000.0,
                norm_plus_one=False, global_head_dim=512, use_value_norm=True, global_rope_fraction=0.25,
@@ -210,6 +213,9 @@ GEMMA4_E4B = GemmaConfig(num_layers=42, embed_dim=2560, hidden_dim=2560 * 4, num
                          num_kv_shared_layers=18, **_GEMMA4)
 GEMMA4_31B = GemmaConfig(num_layers=60, embed_dim=5376, hidden_dim=5376 * 4, num_heads=32, num_kv_heads=16,
                          num_global_kv_heads=4, attention_k_eq_v=True, sliding_window=1024, sliding_window_pattern=6,
+                         **_GEMMA4)
+GEMMA4_12B = GemmaConfig(num_layers=48, embed_dim=3840, hidden_dim=3840 * 4, num_heads=16, num_kv_heads=8,
+                         num_global_kv_heads=1, attention_k_eq_v=True, sliding_window=1024, sliding_window_pattern=6,
                          **_GEMMA4)
 
 # Every Gemma 4 feature at tiny size: 6 layers with pattern 3 (layers 2 and 5 global), window 8 < test length,
@@ -298,10 +304,12 @@ def config_from_hf(path_or_dict, *, param_dtype: str | None = None) -> GemmaConf
         raw = {"model_type": "gemma3_text", **({"dtype": dtype_top} if dtype_top else {}), **raw["text_config"]}
         model_type = raw["model_type"]
         source = f"{source} (text_config)"
-    if model_type == "gemma4":  # multimodal: the text tower's embedding is the text vocabulary already
+    if model_type == "gemma4_unified_text":  # Gemma 4 12B's text model: Gemma4TextModel's layers without PLE
+        raw, model_type = {**raw, "model_type": "gemma4_text"}, "gemma4_text"
+    if model_type in ("gemma4", "gemma4_unified"):  # multimodal: the text embedding is the text vocabulary already
         unknown = sorted(k for k in raw if k not in _HF_GEMMA4_MM_KEYS)
         if unknown or not isinstance(raw.get("text_config"), dict):
-            raise ValueError(f"{source}: a 'gemma4' config needs a text_config dict; unknown field(s) {unknown}")
+            raise ValueError(f"{source}: a {model_type!r} config needs a text_config dict; unknown field(s) {unknown}")
         dtype_top = raw.get("dtype") or raw.get("torch_dtype")
         raw = {**({"dtype": dtype_top} if dtype_top else {}), **raw["text_config"], "model_type": "gemma4_text"}
         model_type = raw["model_type"]

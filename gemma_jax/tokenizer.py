@@ -1,10 +1,13 @@
-"""SentencePiece tokenizer wrapper with Gemma's special ids and the Gemma chat template.
+"""SentencePiece tokenizer wrapper with Gemma's special ids and the Gemma chat templates.
 
-Gemma ids: pad 0, eos 1, bos 2, unk 3; `<start_of_turn>` / `<end_of_turn>` are 106 / 107 in the Gemma 1-2
-vocabulary and 105 / 106 in Gemma 3's. We look the turn markers up by piece (never by id), so either vocabulary and
-a small test tokenizer work. Gemma-2-IT and Gemma-3-IT stop on eos OR `<end_of_turn>`; both are in `stop_ids`.
-Gemma 1, 2 and 3 share the turn format and have no system role: Gemma 3's HF chat template prepends the system
-text plus a blank line to the first user turn, which is what `chat_prompt` does for all three.
+Gemma ids: pad 0, eos 1, bos 2, unk 3. Two turn formats (docs/reference.md#tokenizer-and-chat-template):
+- Gemma 1-3: `<start_of_turn>` / `<end_of_turn>` (106 / 107 in the Gemma 1-2 vocabulary, 105 / 106 in Gemma 3's),
+  no system role: the system text plus a blank line goes in front of the user message (Gemma 3's HF template).
+- Gemma 4: `<|turn>` / `<turn|>` (105 / 106 in its vocabulary) and a system turn of its own:
+  `<|turn>system\n{system}<turn|>\n<|turn>user\n{message}<turn|>\n<|turn>model\n`.
+The format is chosen by which pieces the tokenizer has (Gemma 4's when it has both `<|turn>` and `<turn|>`), and
+the markers are looked up by piece, never by id, so any real vocabulary and a small test tokenizer work. The
+instruction-tuned models stop on eos OR the end-of-turn marker; both are in `stop_ids`.
 """
 
 import os
@@ -13,6 +16,8 @@ import sentencepiece as spm
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+GEMMA4_START_OF_TURN = "<|turn>"
+GEMMA4_END_OF_TURN = "<turn|>"
 
 
 class Tokenizer:
@@ -31,8 +36,13 @@ class Tokenizer:
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
         self.eos_id = self.sp.eos_id()
         self.bos_id = self.sp.bos_id()
-        self.start_of_turn_id = self._piece_id(START_OF_TURN)
-        self.end_of_turn_id = self._piece_id(END_OF_TURN)
+        # Gemma 4's markers when the tokenizer has both, else Gemma 1-3's.
+        gemma4 = all(self._piece_id(p) is not None for p in (GEMMA4_START_OF_TURN, GEMMA4_END_OF_TURN))
+        self.system_turn = gemma4  # Gemma 4 has a system turn; Gemma 1-3 put the system text in the user turn
+        self.start_of_turn, self.end_of_turn = ((GEMMA4_START_OF_TURN, GEMMA4_END_OF_TURN) if gemma4
+                                                else (START_OF_TURN, END_OF_TURN))
+        self.start_of_turn_id = self._piece_id(self.start_of_turn)
+        self.end_of_turn_id = self._piece_id(self.end_of_turn)
         self.stop_ids = tuple(i for i in (self.eos_id, self.end_of_turn_id) if i is not None and i >= 0)
 
     def _piece_id(self, piece):
@@ -60,17 +70,22 @@ class Tokenizer:
     def chat_prompt(self, message: str, system: str | None = None) -> str:
         """Gemma chat template text for one user turn, ending where the model's answer starts.
 
-        Gemma has no system role: system text is prepended to the user message, separated by a blank line.
-        The leading <bos> is not part of the text: encode with add_bos=True.
+        Gemma 1-3 have no system role: system text is prepended to the user message, separated by a blank line.
+        Gemma 4 gives it a system turn before the user turn. The leading <bos> is not part of the text: encode
+        with add_bos=True. Messages are used as given (the published templates strip them; data/ strips prompts).
         """
-        if system:
+        sot, eot = self.start_of_turn, self.end_of_turn
+        head = ""
+        if system and self.system_turn:
+            head = f"{sot}system\n{system}{eot}\n"
+        elif system:
             message = f"{system}\n\n{message}"
-        return f"{START_OF_TURN}user\n{message}{END_OF_TURN}\n{START_OF_TURN}model\n"
+        return f"{head}{sot}user\n{message}{eot}\n{sot}model\n"
 
     def encode_chat(self, message: str, system: str | None = None) -> list[int]:
         if self.start_of_turn_id is None or self.end_of_turn_id is None:
-            raise ValueError(f"{self.path}: tokenizer lacks {START_OF_TURN} / {END_OF_TURN} pieces "
-                             "for the chat template")
+            raise ValueError(f"{self.path}: tokenizer lacks {START_OF_TURN} / {END_OF_TURN} (or Gemma 4's "
+                             f"{GEMMA4_START_OF_TURN} / {GEMMA4_END_OF_TURN}) pieces for the chat template")
         return self.encode(self.chat_prompt(message, system), add_bos=True)
 
     def chat_parts(self, message: str, system: str | None = None) -> tuple[list[int], list[int], list[int]]:

@@ -10,6 +10,12 @@ map as A_p = A^T [R, in] and B_p = B^T [out, R], with the output (or input) head
 order: q_proj out = N*H, k_proj/v_proj out = K*H, o_proj in = N*H. Our fused "kv" adapter (Tunix's: one A,
 B [R,2,K,H]) becomes separate k_proj and v_proj adapters that each carry a copy of the shared A; that is exact,
 because (x A) B_k and (x A) B_v are what the fused adapter computes too.
+
+adapter_config.json names every adapted module in full (`model.layers.3.self_attn.q_proj`: PEFT matches a
+target equal to a module's name exactly), so PEFT wraps exactly the modules that have tensors. That matters for
+Gemma 4, whose adapters are per layer and absent where a layer lacks the weight: transformers'
+Gemma4ForCausalLM has no k_proj/v_proj on KV-shared layers and no v_proj on k = v layers (their values are
+k_proj's output, so a "k" adapter there reaches the values too, in both models).
 """
 
 import json
@@ -21,7 +27,7 @@ from safetensors.numpy import save_file
 
 from gemma_jax.checkpoint import save_hf
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import lora_target
+from gemma_jax.model import lora_layer_slice, lora_target
 from gemma_jax.sharding import to_host
 from lora.adapters import LoRA, merge
 from lora.io import check_lora_fits
@@ -47,31 +53,34 @@ def export_merged_hf(path, cfg: GemmaConfig, params: dict, lora: LoRA | None) ->
     save_hf(path, cfg, merged)
 
 
-def _peft_pairs(name, a_LX, b_LX):
-    """[(hf module, lora_A [L,R,in], lora_B [L,out,R])] for one of our adapters (float32 numpy, L axis first):
+def _peft_pairs(name, a, b):
+    """[(hf module, lora_A [R,in], lora_B [out,R])] for one layer's adapter `name` (float32 numpy, no L axis):
     one pair per base weight it adds to (gemma_jax.model.LORA_TARGETS), the fused kv adapter's B split along C."""
     t = lora_target(name)
-    L, R = a_LX.shape[0], a_LX.shape[-1]
-    a_LRI = np.swapaxes(a_LX.reshape(L, -1, R), 1, 2)  # o: A [L,N,H,R] -> [L, N*H, R] -> [L, R, N*H]
-    b_parts = [b_LX] if "C" not in t.b else [np.take(b_LX, c, axis=1 + t.b.index("C")) for c in range(len(t.adds_to))]
-    # q: B [L,R,N,H] -> [L,R,N*H] -> [L, N*H, R]
-    return [(_PEFT_MODULES[w], a_LRI, np.swapaxes(b.reshape(L, R, -1), 1, 2)) for w, b in zip(t.adds_to, b_parts)]
+    R = a.shape[-1]
+    a_RI = a.reshape(-1, R).T  # o: A [N,H,R] -> [N*H, R] -> [R, N*H]
+    b_parts = [b] if "C" not in t.b else [np.take(b, c, axis=t.b.index("C")) for c in range(len(t.adds_to))]
+    # q: B [R,N,H] -> [R, N*H] -> [N*H, R]
+    return [(_PEFT_MODULES[w], a_RI, bw.reshape(R, -1).T) for w, bw in zip(t.adds_to, b_parts)]
 
 
 def peft_tensors(lora: LoRA) -> dict:
     """PEFT state dict names -> numpy arrays (float32), e.g.
-    base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight [R, D]."""
+    base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight [R, D]; stacked [L, ...] adapters and Gemma 4's
+    per-layer tuples alike (a layer without the adapter gets no tensors)."""
     host = to_host(lora.layers)
-    out = {}
-    for name, ab in host.items():
+    for name in host:
         if not all(w in _PEFT_MODULES for w in lora_target(name).adds_to):
             raise ValueError(f"LoRA target {name!r} has no Hugging Face module to export to")
-        a, b = np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)
-        for module, a_LRI, b_LOR in _peft_pairs(name, a, b):
-            for i in range(a.shape[0]):
+    num_layers = len(next(iter(host.values()))["a"])
+    out = {}
+    for i in range(num_layers):
+        for name, ab in lora_layer_slice(host, i).items():
+            a, b = np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)
+            for module, a_RI, b_OR in _peft_pairs(name, a, b):
                 prefix = f"base_model.model.model.layers.{i}.{module}"
-                out[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a_LRI[i])
-                out[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b_LOR[i])
+                out[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a_RI)
+                out[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b_OR)
     return out
 
 
@@ -86,8 +95,9 @@ def export_peft(path, cfg: GemmaConfig, lora: LoRA, *, base_model_name_or_path: 
     if jax.process_index() != 0:
         return
     alpha = lora.scale * rank
-    hf_targets = [w for n in lora.layers for w in lora_target(n).adds_to]
-    modules = sorted({_PEFT_MODULES[t].split(".")[-1] for t in hf_targets})
+    # base_model.model.{module}.lora_A.weight -> {module}, the name PEFT matches inside the PeftModel's base model
+    modules = sorted({k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                      for k in tensors if k.endswith(".lora_A.weight")})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,

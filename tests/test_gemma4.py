@@ -1,6 +1,6 @@
 """Gemma 4 dense text models: parity with transformers' Gemma4ForCausalLM through files it saved (every feature
 on, then each switched off in turn), our save_hf read back by transformers, parameter counts of the full-size
-presets against transformers on the meta device, config reading and refusals.
+presets against transformers on the meta device, config reading and refusals; Gemma 4 12B's gemma4_unified files.
 
 Tiny config TINY_GEMMA4: 6 layers with pattern 3 (layers 2 and 5 global), window 8 < T = 20, the last 3 layers
 KV-shared, global head dim 32 with 1 kv head and k = v, proportional RoPE (1/4 of the angles), double-wide shared
@@ -126,7 +126,7 @@ def test_save_hf_loads_in_transformers_with_same_logits(name, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)))
 
 
-@pytest.mark.parametrize("name", ["GEMMA4_E2B", "GEMMA4_E4B", "GEMMA4_31B", "TINY_GEMMA4"])
+@pytest.mark.parametrize("name", ["GEMMA4_E2B", "GEMMA4_E4B", "GEMMA4_12B", "GEMMA4_31B", "TINY_GEMMA4"])
 def test_preset_param_count_equals_transformers(name):
     """jax.eval_shape-style abstract params against Gemma4ForCausalLM on the meta device. transformers keeps
     layer_scalar as a (saved) buffer, not a parameter: one number per layer, added to its count."""
@@ -139,11 +139,58 @@ def test_preset_param_count_equals_transformers(name):
     assert ours == theirs, (ours, theirs)
 
 
-@pytest.mark.parametrize("name", ["GEMMA4_E2B", "GEMMA4_E4B", "GEMMA4_31B", "TINY_GEMMA4"])
+@pytest.mark.parametrize("name", ["GEMMA4_E2B", "GEMMA4_E4B", "GEMMA4_12B", "GEMMA4_31B", "TINY_GEMMA4"])
 def test_config_round_trips_through_hf(name):
     cfg = getattr(C, name)
     assert config_from_hf(config_to_hf(cfg)) == cfg
     assert config_from_hf(_hf_config(cfg).to_dict()) == cfg
+
+
+def test_12b_preset_counts_as_transformers_gemma4_unified():
+    """GEMMA4_12B is the text model of google/gemma-4-12B-it (model_type gemma4_unified), which transformers builds
+    as Gemma4UnifiedForCausalLM: the same count on the meta device as its Gemma4ForCausalLM twin (11,907,350,320;
+    the model card's 11.95 B adds the vision and audio embedders), and the published layer pattern."""
+    from transformers.models.gemma4_unified import Gemma4UnifiedForCausalLM, Gemma4UnifiedTextConfig
+
+    cfg = C.GEMMA4_12B
+    d = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    with torch.device("meta"):
+        model = Gemma4UnifiedForCausalLM(Gemma4UnifiedTextConfig(**d))
+    theirs = sum(p.numel() for p in model.parameters())
+    theirs += sum(b.numel() for n, b in model.named_buffers() if n.endswith("layer_scalar"))
+    assert count_params(jax.eval_shape(lambda: abstract_params(cfg))) == theirs == 11_907_350_320
+    assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"] + (
+        ["sliding_attention"] * 5 + ["full_attention"]) * 7
+    assert {(k.head_dim, k.kv_heads, k.k_eq_v, k.hidden) for k in layer_kinds(cfg)} == {(256, 8, False, 15360),
+                                                                                        (512, 1, True, 15360)}
+
+
+def test_12b_preset_equals_the_published_config():
+    """config_from_hf of google/gemma-4-12B-it's config.json as published (transformers 5.10.0.dev0; the vision and
+    audio configs shortened: they are not read) is GEMMA4_12B."""
+    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 8
+    text = {
+        "attention_bias": False, "attention_dropout": 0.0, "attention_k_eq_v": True, "bos_token_id": 2,
+        "enable_moe_block": False, "eos_token_id": 1, "final_logit_softcapping": 30.0, "global_head_dim": 512,
+        "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3840,
+        "hidden_size_per_layer_input": 0, "initializer_range": 0.02, "intermediate_size": 15360,
+        "layer_types": layer_types, "max_position_embeddings": 262144, "model_type": "gemma4_unified_text",
+        "moe_intermediate_size": None, "num_attention_heads": 16, "num_experts": None,
+        "num_global_key_value_heads": 1, "num_hidden_layers": 48, "num_key_value_heads": 8,
+        "num_kv_shared_layers": 0, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+        "rope_parameters": {"full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0,
+                                               "rope_type": "proportional"},
+                            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}},
+        "sliding_window": 1024, "tie_word_embeddings": True, "top_k_experts": None,
+        "use_bidirectional_attention": "vision", "use_cache": True, "use_double_wide_mlp": False,
+        "vocab_size": 262144, "vocab_size_per_layer_input": 262144}
+    published = {
+        "architectures": ["Gemma4UnifiedForConditionalGeneration"], "audio_config": {"hidden_size": 640},
+        "audio_token_id": 258881, "boa_token_id": 256000, "boi_token_id": 255999, "dtype": "bfloat16",
+        "eoa_token_index": 258883, "eoi_token_id": 258882, "image_token_id": 258880, "initializer_range": 0.02,
+        "model_type": "gemma4_unified", "text_config": text, "tie_word_embeddings": True,
+        "transformers_version": "5.10.0.dev0", "video_token_id": 258884, "vision_config": {"patch_size": 16}}
+    assert config_from_hf(published) == dataclasses.replace(C.GEMMA4_12B, param_dtype="bfloat16")
 
 
 def test_presets_layer_patterns():
@@ -197,6 +244,41 @@ def test_multimodal_text_tower_loads(tmp_path, capsys):
     tokens, mask = padded_batch(T)
     diff = np.abs(our_logits(params, cfg, tokens, mask) - hf_logits(model, tokens, mask))[mask].max()
     print(f"gemma4 multimodal text tower: max |logits - transformers| = {diff:.2e}")
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["causal_lm", "conditional_generation"])
+def test_gemma4_unified_files_load_with_same_logits(tmp_path, capsys, multimodal):
+    """Gemma 4 12B's architecture (transformers gemma4_unified): Gemma4UnifiedForCausalLM (model_type
+    gemma4_unified_text) at tiny size with every feature but PLE, and Gemma4UnifiedForConditionalGeneration, whose
+    vision and audio embedders are skipped; read through their files, logits equal theirs on text."""
+    from transformers.models.gemma4_unified import (
+        Gemma4UnifiedConfig,
+        Gemma4UnifiedForCausalLM,
+        Gemma4UnifiedForConditionalGeneration,
+        Gemma4UnifiedTextConfig,
+    )
+
+    cfg = CASES["no_ple"]
+    text = _hf_config(cfg, attn_implementation="eager").to_dict()
+    text = Gemma4UnifiedTextConfig(**{k: v for k, v in text.items() if k not in ("model_type", "transformers_version")})
+    if multimodal:
+        vision = dict(patch_size=4, pooling_kernel_size=2, mm_embed_dim=16, mm_posemb_size=8)
+        mm = Gemma4UnifiedConfig(text_config=text.to_dict(), vision_config=vision, audio_config=dict(audio_embed_dim=8))
+        model = _randomize(Gemma4UnifiedForConditionalGeneration(mm), seed=3)
+        model.config._attn_implementation = "eager"
+        model.config.text_config._attn_implementation = "eager"
+    else:
+        model = _randomize(Gemma4UnifiedForCausalLM(text), seed=3)
+    model.save_pretrained(tmp_path)
+    got_cfg, params = g.load_checkpoint(tmp_path)
+    assert got_cfg == cfg
+    if multimodal:
+        n_other = sum(1 for n in model.state_dict() if "language_model" not in n and n != "lm_head.weight")
+        assert f"skipped {n_other} vision/audio tensors" in capsys.readouterr().out and n_other > 3
+    tokens, mask = padded_batch(T)
+    diff = np.abs(our_logits(params, cfg, tokens, mask) - hf_logits(model, tokens, mask))[mask].max()
+    print(f"gemma4_unified multimodal={multimodal}: max |logits - transformers| = {diff:.2e}")
     assert diff <= 1e-4, diff
 
 

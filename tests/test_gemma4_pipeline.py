@@ -1,22 +1,33 @@
 """Gemma 4 through the training pipeline: tiny Gemma 4's logits equal Tunix's Gemma4 holding the same weights on
-a left-padded batch; a few SFT steps lower the loss. No GRPO test yet: the Gemma 3 test's toy reward (one token's
-count, lr 3e-3 x 6 or 1e-2 x 8 steps) starts at 1 hit in 32 samples here and does not rise.
+a left-padded batch; its per-layer LoRA adapters exported with PEFT names load in `peft.PeftModel` on
+transformers' Gemma4ForCausalLM with equal logits, and `run.py --stage export` writes them (peft) and the merged
+model (hf); a few SFT steps lower the loss. No GRPO test yet: the Gemma 3 test's toy reward (one token's count,
+lr 3e-3 x 6 or 1e-2 x 8 steps) starts at 1 hit in 32 samples here and does not rise.
 
 TINY_GEMMA4 has every feature on and Tunix 0.1.7's Gemma 4 supports all of them (PLE, KV sharing, global head
 dim with one kv head and k = v, proportional RoPE, double-wide shared MLPs, layer scalars, value norm), so the
-parity test runs it unchanged. No PEFT export test: lora/export.py does not export Gemma 4's per-layer adapters.
+parity test runs it unchanged.
 """
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from hf_utils import hf_logits, our_logits, padded_batch
+from safetensors.numpy import load_file
 from tunix_utils import to_tunix_gemma4, tunix_logits
 
+import gemma_jax as g
+from cli import export as export_cli
+from cli.common import run_cli
 from gemma_jax.config import TINY_GEMMA4
 from gemma_jax.model import forward, init_params
-from lora.adapters import init_lora
+from lora.adapters import LoRA, init_lora
+from lora.export import export_peft, peft_tensors
+from lora.io import save_adapters
 from sft.batches import SFTData, encode_example
 from sft.train import HParams, train_loop
 
@@ -42,6 +53,81 @@ def test_logits_equal_tunix_gemma4_left_padded():
     assert np.abs(ours).max() > 1.0  # not a degenerate model
     print(f"Tunix Gemma 4 max |logit diff| {np.abs(ours - theirs)[mask].max():.2e}")
     assert np.abs(ours - theirs)[mask].max() <= 1e-4
+
+
+def _random_lora(targets, seed):
+    """Per-layer adapters (rank 4, alpha 8) with every B random and non-zero, so each adapter changes the logits."""
+    lora = init_lora(CFG, rank=4, alpha=8.0, targets=targets, seed=seed)
+    rng = np.random.RandomState(seed)
+    layers = {n: {"a": ab["a"], "b": tuple(None if b is None else jnp.asarray(0.1 * rng.randn(*b.shape), jnp.float32)
+                                           for b in ab["b"])} for n, ab in lora.layers.items()}
+    return LoRA(layers=layers, scale=lora.scale)
+
+
+def _lora_logits(params, lora, tokens, mask):
+    return np.asarray(forward(params, jnp.asarray(tokens), CFG, pad_mask_BT=jnp.asarray(mask), lora=lora)[0])
+
+
+# targets -> (PEFT modules exported, those on layer 2: global, k = v, no v_proj). Layers 3-5 are KV-shared (no
+# k_proj/v_proj); the fused kv adapter needs a v weight, so it sits on layers 0 and 1 only; "k" also on layer 2.
+PEFT_CASES = {
+    "fused_kv": (("q", "kv", "gate", "up", "down"), 6 + 2 * 2 + 3 * 6, {"q_proj", "gate_proj", "up_proj", "down_proj"}),
+    "separate_kv_o": (("q", "k", "v", "o"), 6 + 3 + 2 + 6, {"q_proj", "k_proj", "o_proj"}),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_peft_export_on_gemma4_loads_with_same_logits(tmp_path, case):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    targets, n_modules, layer2 = PEFT_CASES[case]
+    params, lora = _random_params(1), _random_lora(targets, seed=2)
+    g.save_hf(tmp_path / "base", CFG, params)
+    export_peft(tmp_path / "adapter", CFG, lora)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], len(config["target_modules"])) == (4, 8, n_modules)
+    assert {m.split(".")[-1] for m in config["target_modules"] if m.startswith("model.layers.2.")} == layer2
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager").eval()
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    # Every exported tensor was injected, and nothing else (a module PEFT wrapped without a tensor keeps B = 0).
+    exported = load_file(os.path.join(tmp_path, "adapter", "adapter_model.safetensors"))
+    injected = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(exported) == len(injected) == 2 * n_modules
+    for name, x in exported.items():
+        assert np.array_equal(injected[name.replace(".weight", ".default.weight")].numpy(), x), name
+    tokens, mask = padded_batch(20)
+    ours = _lora_logits(params, lora, tokens, mask)
+    assert np.abs(ours - our_logits(params, CFG, tokens, mask))[mask].max() > 0.1  # the adapters matter
+    diff = np.abs(ours - hf_logits(model, tokens, mask))[mask].max()
+    print(f"gemma4 PEFT {case}: max |logits - peft| = {diff:.2e}")
+    assert diff <= 1e-4, diff
+
+
+def test_export_cli_peft_and_merged_hf_on_gemma4(tmp_path, tokenizer_path, capsys):
+    """`run.py --stage export` on a Gemma 4 base with saved per-layer adapters: --format peft writes exactly
+    peft_tensors(lora) (loadable: the test above); --format hf writes the merged model, whose transformers logits
+    equal ours with the adapters."""
+    from transformers import AutoModelForCausalLM
+
+    params, lora = _random_params(4), _random_lora(("q", "k", "v", "o", "down"), seed=5)
+    g.save_hf(tmp_path / "base", CFG, params)
+    save_adapters(tmp_path / "adapters", lora, CFG)
+    common = ["--base", str(tmp_path / "base"), "--tokenizer", tokenizer_path, "--adapters", str(tmp_path / "adapters")]
+    assert run_cli(export_cli.main, ["--format", "peft", *common, "--out", str(tmp_path / "peft")], prog="export") == 0
+    got = load_file(os.path.join(tmp_path, "peft", "adapter_model.safetensors"))
+    want = peft_tensors(lora)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert run_cli(export_cli.main, ["--format", "hf", *common, "--out", str(tmp_path / "hf")], prog="export") == 0
+    assert "with the adapters of" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert type(model).__name__ == "Gemma4ForCausalLM"
+    tokens, mask = padded_batch(20)
+    ours = _lora_logits(params, lora, tokens, mask)
+    assert np.abs(ours - our_logits(params, CFG, tokens, mask))[mask].max() > 0.1
+    diff = np.abs(ours - hf_logits(model, tokens, mask))[mask].max()
+    print(f"gemma4 merged export: max |logits - transformers| = {diff:.2e}")
+    assert diff <= 1e-4, diff
 
 
 def _record(i):

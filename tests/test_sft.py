@@ -72,6 +72,17 @@ def test_example_is_chat_template_plus_completion_and_end_of_turn(tokenizer):
     assert tokenizer.eos_id not in ex.tokens.tolist()
 
 
+def test_gemma4_example_has_a_system_turn_and_ends_with_turn_end(gemma4_tokenizer):
+    """With Gemma 4's turn markers the system prompt is its own turn and the target ends with <turn|>."""
+    tok = gemma4_tokenizer
+    rec = _record(2, system="Be brief.")
+    ex = encode_example(rec, tok, 256)
+    n_prompt = int((~ex.loss_mask).sum())
+    assert tok.sp.DecodeIds(ex.tokens[1:n_prompt].tolist()) == (
+        "<|turn>system\nBe brief.<turn|>\n<|turn>user\nWhat is 17 plus 21?<turn|>\n<|turn>model\n")
+    assert ex.tokens[0] == tok.bos_id and ex.tokens[-1] == tok.end_of_turn_id == tok.sp.PieceToId("<turn|>")
+
+
 def test_truncation_cuts_user_text_from_the_left_first(tokenizer):
     rec = _record(0)
     rec["prompt"] = " ".join(f"word{i}" for i in range(60)) + " What is 3 plus 11?"

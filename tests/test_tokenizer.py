@@ -1,5 +1,6 @@
 """Tokenizer tests on a small sentencepiece model trained in conftest with Gemma's special-id layout: special and
-turn-marker ids, stop ids, encode/decode round trips, the exact chat template, and errors on bad files."""
+turn-marker ids, stop ids, encode/decode round trips, the exact chat template, and errors on bad files; the same
+for a model with Gemma 4's turn markers `<|turn>` / `<turn|>` and its system turn."""
 
 import os
 
@@ -104,3 +105,42 @@ def test_encode_chat_within_keeps_the_template_and_the_last_message_tokens(token
         tokenizer.encode_chat_within(message, "Be brief.", len(head) + len(tail))
     assert tokenizer.encode_chat_within(message, "Be brief.", len(head) + len(tail), min_message_tokens=0) == \
         head + tail
+
+
+# Gemma 4's published format (ai.google.dev/gemma/docs/core/prompt-formatting-gemma4; the generation prompt of the
+# E2B/E4B chat_template.jinja): a system turn of its own, then the user turn, then the model turn's opener.
+CHAT4 = "<|turn>system\n{}<turn|>\n<|turn>user\n{}<turn|>\n<|turn>model\n"
+
+
+def test_gemma4_turn_markers_and_stop_ids(gemma4_tokenizer):
+    tok = gemma4_tokenizer
+    assert (tok.start_of_turn, tok.end_of_turn, tok.system_turn) == ("<|turn>", "<turn|>", True)
+    assert (tok.start_of_turn_id, tok.end_of_turn_id) == (4, 5)  # read from the pieces (the real vocabulary: 105/106)
+    assert tok.sp.PieceToId("<start_of_turn>") == tok.sp.unk_id()
+    assert tok.stop_ids == (1, 5)
+    answer = tok.encode("<answer>4</answer>")
+    assert tok.decode(answer + [5] + tok.encode(" more")) == "<answer>4</answer>"
+
+
+def test_gemma4_chat_template_exact_ids(gemma4_tokenizer):
+    tok = gemma4_tokenizer
+    assert tok.chat_prompt("What is 2+2?", "Be brief.") == CHAT4.format("Be brief.", "What is 2+2?")
+    assert tok.chat_prompt("What is 2+2?") == "<|turn>user\nWhat is 2+2?<turn|>\n<|turn>model\n"
+    assert tok.chat_prompt("Hi", "") == "<|turn>user\nHi<turn|>\n<|turn>model\n"
+    e = tok.encode
+    want = ([2, 4] + e("system\nBe brief.") + [5] + e("\n") + [4] + e("user\nWhat is 2+2?") + [5] + e("\n")
+            + [4] + e("model\n"))
+    assert tok.encode_chat("What is 2+2?", "Be brief.") == want
+    assert want.count(4) == 3 and want.count(5) == 2 and tok.sp.DecodeIds(want[1:]) == CHAT4.format(
+        "Be brief.", "What is 2+2?")
+
+
+def test_gemma4_truncation_keeps_the_system_turn(gemma4_tokenizer):
+    tok = gemma4_tokenizer
+    message = " ".join(f"word{i}" for i in range(40)) + " What is 2+2?"
+    full = tok.encode_chat(message, "Be brief.")
+    head, msg, tail = tok.chat_parts(message, "Be brief.")
+    assert head + msg + tail == full
+    assert tok.sp.DecodeIds(head[1:]) == "<|turn>system\nBe brief.<turn|>\n<|turn>user\n"
+    assert tok.sp.DecodeIds(tail) == "<turn|>\n<|turn>model\n"
+    assert tok.encode_chat_within(message, "Be brief.", len(full) - 7) == head + msg[7:] + tail
