@@ -104,7 +104,7 @@ def what_fits(cfg, rank, name="GEMMA2_2B"):
                ("TPU v5e-8, fsdp=8", 16, {"fsdp": 8}), ("H100 80 GB", 80, {}), ("24 GB GPU", 24, {})]
     print(f"\n== What fits: {name}, bf16 base, LoRA r{rank} f32 + AdamW, remat on (estimate, 90% of memory) ==")
     print(f"{'device':36s} {'SFT 2048: max batch':>20s} {'SFT batch 2: max len':>21s} {'GRPO G=4 x 1024':>16s} "
-          f"{'sampling G=4':>19s}")
+          f"{'sampling G=4, stacked / per-layer decode weights':>49s}")
     for name, gb, mesh_shape in devices:
         budget = 0.9 * gb * GB
         rows = []
@@ -122,11 +122,13 @@ def what_fits(cfg, rank, name="GEMMA2_2B"):
         while fits(max(2, dp), t * 2):
             t *= 2
         rows.append(f"{t if fits(max(2, dp), t) else 0}")
-        grpo = memory.estimate_bytes(cfg, param_dtype="bfloat16", lora_rank=rank, batch=4, seq_len=256 + 768,
-                                     mesh_shape=mesh_shape, remat=True, cache_batch=4, cache_len=1024)
-        rows.append(f"{grpo['train_total'] / GB:.1f} GB {'fits' if grpo['train_total'] <= budget else 'NO'}")
-        rows.append(f"{grpo['sample_total'] / GB:.1f} GB")
-        print(f"{name:36s} {rows[0]:>20s} {rows[1]:>21s} {rows[2]:>16s} {rows[3]:>19s}")
+        grpo = {w: memory.estimate_bytes(cfg, param_dtype="bfloat16", lora_rank=rank, batch=4, seq_len=256 + 768,
+                                         mesh_shape=mesh_shape, remat=True, cache_batch=4, cache_len=1024,
+                                         decode_weights=w) for w in ("stacked", "per_layer")}
+        train = grpo["stacked"]["train_total"]
+        rows.append(f"{train / GB:.1f} GB {'fits' if train <= budget else 'NO'}")
+        rows.append(f"{grpo['stacked']['sample_total'] / GB:.1f} / {grpo['per_layer']['sample_total'] / GB:.1f} GB")
+        print(f"{name:36s} {rows[0]:>20s} {rows[1]:>21s} {rows[2]:>16s} {rows[3]:>49s}")
 
 
 def main(argv=None):
@@ -143,10 +145,14 @@ def main(argv=None):
     cfg = dataclasses.replace(getattr(presets, args.config), param_dtype="bfloat16", remat=not args.no_remat)
     for spec in [] if args.fits_only else args.mesh or ["fsdp=2,tp=4", "fsdp=1,tp=8"]:
         report_compiled(cfg, args.rank, args.batch, args.seq, spec, args.config)
-    est = {m: memory.estimate_bytes(cfg, param_dtype="bfloat16", lora_rank=args.rank, batch=args.batch,
-                                    seq_len=args.seq, mesh_shape=ms, remat=True)
-           for m, ms in (("1 device", {}), ("fsdp=2,tp=4", {"fsdp": 2, "tp": 4}), ("tp=8", {"tp": 8}))}
-    print(f"\n== Estimate per device, batch {args.batch} x {args.seq} ==")
+    est = {}
+    for m, ms in (("1 device", {}), ("fsdp=2,tp=4", {"fsdp": 2, "tp": 4}), ("tp=8", {"tp": 8})):
+        one = {w: memory.estimate_bytes(cfg, param_dtype="bfloat16", lora_rank=args.rank, batch=args.batch,
+                                        seq_len=args.seq, mesh_shape=ms, remat=True, decode_weights=w)
+               for w in ("per_layer", "stacked")}  # the sampler's two decode paths (gemma_jax/sampler.py)
+        est[m] = {**one["per_layer"], "decode_w stacked": one["stacked"]["decode_weights"],
+                  "sample_total stacked": one["stacked"]["sample_total"]}
+    print(f"\n== Estimate per device, batch {args.batch} x {args.seq} (decode weights per_layer; then stacked) ==")
     print(memory.format_table(est))
     what_fits(cfg, args.rank, args.config)
     return 0

@@ -23,6 +23,8 @@ the greedy path has compiled).
     python bench/sampler.py --sample        # the same rows with top-k sampling
     python bench/sampler.py --gpu           # GEMMA2_2B-shaped random bf16 weights, B 1 and 64: tok/s and the
                                             # fraction of the HBM-bandwidth roofline (ours only; needs a GPU)
+    python bench/sampler.py --decode-weights-table --models TINY --rows 8 16 64
+                                            # ours only: decode ms/step with per-layer vs stacked decode weights
 """
 
 import argparse
@@ -158,6 +160,27 @@ def cpu_table(args):
                   f"{step_theirs / floor:>6.2f}x  {ours_first:>10.1f} {theirs_first:>11.1f}", flush=True)
 
 
+def decode_weights_table(args):
+    """Ours only, the two decode paths of `generate(decode_weights=...)` alternating on the same rows: decode
+    ms/step as in the main table (time with N new tokens minus time with 1, over N - 1), and the ratio."""
+    print(f"{'model':<11} {'B':>3} {'P':>4} {'N':>4} {'per_layer ms':>12} {'stacked ms':>10} {'stacked/per_layer':>17}")
+    configs = bench_configs(args.model)
+    rows = [tuple(args.rows)] if args.rows else [(8, 16, 64), (32, 64, 128)]
+    for size in args.models or ["TINY", "MID"]:
+        name, cfg = configs[size]
+        params = init_params(cfg, 0)
+        for B, P, N in rows:
+            prompts = np.random.RandomState(B * P + N).randint(4, cfg.vocab_size, (B, P)).tolist()
+            call = lambda n, w: lambda: generate(params, cfg, prompts, max_new_tokens=n, temperature=0.0,  # noqa
+                                                 stop_ids=(NEVER,), prompt_bucket=P, decode_weights=w)
+            same = lambda outs: np.testing.assert_array_equal(outs[0].tokens, outs[2].tokens)  # noqa: E731
+            res = best_of([call(N, "per_layer"), call(1, "per_layer"), call(N, "stacked"), call(1, "stacked")],
+                          args.repeats, check=same)
+            per_layer, stacked = ((res[i][0] - res[i + 1][0]) / (N - 1) for i in (0, 2))
+            print(f"{name:<11} {B:>3} {P:>4} {N:>4} {1e3 * per_layer:>12.2f} {1e3 * stacked:>10.2f} "
+                  f"{stacked / per_layer:>16.2f}x", flush=True)
+
+
 def gpu_table(args):
     """Decode roofline on an accelerator: each decode step must read every weight and the KV cache once, so
     bytes/step = weight bytes + B * cache bytes in use; time/step >= bytes / HBM bandwidth."""
@@ -191,7 +214,10 @@ def main():
     ap.add_argument("--gpu", action="store_true", help="GEMMA2_2B-shaped bf16 decode roofline (ours only)")
     ap.add_argument("--gpu-new-tokens", type=int, default=256)
     ap.add_argument("--hbm-gbs", type=float, default=3350.0, help="HBM bandwidth GB/s (H100 SXM 3350, H200 4800)")
+    ap.add_argument("--decode-weights-table", action="store_true", help="ours only: per_layer vs stacked decode")
     args = ap.parse_args()
+    if args.decode_weights_table:
+        return decode_weights_table(args)
     if args.gpu:
         return gpu_table(args)
     mode = "top-k sampling" if args.sample else "greedy"

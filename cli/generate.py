@@ -2,7 +2,7 @@
 
     python run.py --stage generate --base PATH [--tokenizer PATH] --prompt "What is 2+2?" \
         [--system "..."] [--temperature 0.7 --top-k 50 --top-p 0.95] [--max-new-tokens 256] [--seed 0] \
-        [--num-samples 1] [--adapters DIR] [--dtype float32|bfloat16]
+        [--num-samples 1] [--adapters DIR] [--dtype float32|bfloat16] [--decode-weights auto|per_layer|stacked]
 
 Default decoding is greedy (temperature 0). Generation stops at the tokenizer's stop ids (eos and <end_of_turn>).
 """
@@ -11,7 +11,7 @@ import sys
 import time
 
 from cli.common import load_model, need, parser, run_cli
-from gemma_jax.sampler import generate
+from gemma_jax.sampler import DECODE_WEIGHTS, generate
 
 
 def build_parser():
@@ -25,6 +25,8 @@ def build_parser():
     a("--top-p", type=float, default=None, help="nucleus threshold in (0, 1] (default: no filter)")
     a("--max-new-tokens", type=int, default=256, help="completion budget (default: %(default)s)")
     a("--num-samples", type=int, default=1, help="completions to sample (default: 1)")
+    a("--decode-weights", choices=DECODE_WEIGHTS, default="auto", help="per_layer: decode from a per-layer copy of "
+      "the weights; stacked: from the stacked weights, no copy; auto (default): per_layer on a CPU, else stacked")
     return p
 
 
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
     out = generate(params, cfg, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids, seed=args.seed,
                    num_samples=args.num_samples, lora=lora, pad_id=tokenizer.pad_id,
-                   decode_segment=args.max_new_tokens)
+                   decode_segment=args.max_new_tokens, decode_weights=args.decode_weights)
     seconds = time.perf_counter() - t0
     for i in range(len(out.tokens)):
         if args.num_samples > 1:

@@ -2,11 +2,22 @@
 
 `generate(params, cfg, prompts, ...)` left-pads the prompts to a length bucket, prefills them in one call
 (`model.forward_hidden`), repeats each prompt's cache `num_samples` times (G samples share ONE prefill), then
-decodes one token per step with `decode.decode_step` (per-layer buffers, ring buffers for sliding-window layers)
-inside `lax.while_loop`s that exit as soon as every row has stopped: one loop per segment of `decode_segment`
-steps, whose global-layer buffers hold just the slots that segment can reach (`decode_segments`). Prefill and
-decode are one jitted function, compiled once per (prompt bucket, batch, max_new_tokens, sampling mode, stop
-ids, decode_segment); temperature, top_p and the seed are traced, so changing them does not recompile.
+decodes one token per step with `decode.decode_step` or `decode.decode_step_stacked` (per-layer buffers, ring
+buffers for sliding-window layers) inside `lax.while_loop`s that exit as soon as every row has stopped: one loop
+per segment of `decode_segment` steps, whose global-layer buffers hold just the slots that segment can reach
+(`decode_segments`). Prefill and decode are one jitted function, compiled once per (prompt bucket, batch,
+max_new_tokens, sampling mode, stop ids, decode_segment, decode_weights); temperature, top_p and the seed are
+traced, so changing them does not recompile.
+
+Decode weights (`decode_weights`; gemma_jax/decode.py): "per_layer" unstacks the layer weights and adapters into
+one pytree per layer before the decode loop, a second copy of them while generating (GEMMA2_2B bf16 with rank-32
+adapters: 4.2 GB); "stacked" reads each layer out of the stacked arrays inside every step, in a loop over the
+layers, with no copy (at most one group of layers' slices at a time: Gemma 2 2 layers, Gemma 3 6). Gemma 1-3
+only: Gemma 4 keeps its layers apart already and never copies them, so it takes per_layer only. "auto", the
+default, picks per_layer on a CPU, where it is measured faster (docs/performance.md, 'Decode weights'), and
+stacked on an accelerator (TPU, GPU), where the copy's memory is the certain cost (a quarter of a 16 GB TPU v5e
+chip for GEMMA2_2B) and the speed of the two has not been measured. Both give the same tokens (tested, and
+log-probs within 1e-5: the two compile to differently fused float32 arithmetic).
 
 Sampling follows Tunix 0.1.7 (`tunix/generate/sampler.py`, `sample_top_p`): logits are divided by the
 temperature, then the top_k largest are kept (all of them when top_k is None or 0), then top-p keeps the sorted
@@ -134,9 +145,9 @@ def decode_segments(P: int, N: int, segment: int = 64) -> list[tuple[int, int]]:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "num_samples", "top_k", "greedy", "use_top_p",
-                                             "stop_ids", "pad_id", "decode_segment"))
+                                             "stop_ids", "pad_id", "decode_segment", "decode_weights"))
 def _generate_jit(params, lora, tokens_BP, mask_BP, seed, temperature, top_p, *, cfg, max_new_tokens, num_samples,
-                  top_k, greedy, use_top_p, stop_ids, pad_id, decode_segment):
+                  top_k, greedy, use_top_p, stop_ids, pad_id, decode_segment, decode_weights):
     B, P = tokens_BP.shape
     N, G = max_new_tokens, num_samples
     R = B * G
@@ -150,11 +161,16 @@ def _generate_jit(params, lora, tokens_BP, mask_BP, seed, temperature, top_p, *,
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(R))
     stop_S = jnp.asarray(stop_ids, jnp.int32)
     L = cfg.num_layers
-    layers = tuple(params["layers"]) if cfg.layer_list else decode.unstack_layers(params["layers"], L)
-    if lora is not None and cfg.layer_list:  # Gemma 4's adapters are already per layer (tuples, None: no adapter)
-        lora_layers = tuple(lora_layer_slice(lora.layers, i) for i in range(L))
+    if decode_weights == "stacked":  # read in place by decode_step_stacked
+        layers, lora_layers = params["layers"], None if lora is None else lora.layers
+        step, from_prefill, grow = decode.decode_step_stacked, decode.stacked_from_prefill, decode.grow_stacked
     else:
-        lora_layers = decode.unstack_layers(None if lora is None else lora.layers, L)
+        step, from_prefill, grow = decode.decode_step, decode.from_prefill, decode.grow
+        layers = tuple(params["layers"]) if cfg.layer_list else decode.unstack_layers(params["layers"], L)
+        if lora is not None and cfg.layer_list:  # Gemma 4's adapters are already per layer (None: no adapter)
+            lora_layers = tuple(lora_layer_slice(lora.layers, i) for i in range(L))
+        else:
+            lora_layers = decode.unstack_layers(None if lora is None else lora.layers, L)
     lora_scale = 0.0 if lora is None else lora.scale
 
     def sample_step(t, logits_RV, state):
@@ -172,8 +188,8 @@ def _generate_jit(params, lora, tokens_BP, mask_BP, seed, temperature, top_p, *,
     def body(state):
         t = state["t"]
         prev_R = jax.lax.dynamic_index_in_dim(state["tokens"], t - 1, 1, keepdims=False)
-        logits_RV, buffers = decode.decode_step(params, layers, lora_layers, lora_scale, prev_R, P + t - 1,
-                                                offset_R, state["buffers"], cfg)
+        logits_RV, buffers = step(params, layers, lora_layers, lora_scale, prev_R, P + t - 1, offset_R,
+                                  state["buffers"], cfg)
         return sample_step(t, logits_RV, {**state, "buffers": buffers})
 
     state = {"t": jnp.int32(0), "tokens": jnp.full((R, N), pad_id, jnp.int32),
@@ -182,8 +198,7 @@ def _generate_jit(params, lora, tokens_BP, mask_BP, seed, temperature, top_p, *,
     state = sample_step(jnp.int32(0), logits_RV, state)
     segments = decode_segments(P, N, decode_segment)
     for i, (t_end, capacity) in enumerate(segments):
-        buffers = decode.from_prefill(cache, cfg, capacity) if i == 0 else decode.grow(state["buffers"], cfg,
-                                                                                         capacity)
+        buffers = from_prefill(cache, cfg, capacity) if i == 0 else grow(state["buffers"], cfg, capacity)
         cond = lambda s, t_end=t_end: (s["t"] < t_end) & ~jnp.all(s["done"])  # noqa: E731
         state = jax.lax.while_loop(cond, body, {**state, "buffers": buffers})
     return state["tokens"], state["lp"], state["raw"], state["length"], state["done"]
@@ -227,6 +242,23 @@ def pad_prompts(prompts, *, pad_id=0, vocab_size=None, prompt_mask=None, bucket=
     return tokens, mask
 
 
+DECODE_WEIGHTS = ("auto", "per_layer", "stacked")
+
+
+def resolve_decode_weights(decode_weights: str, cfg: GemmaConfig, params) -> str:
+    """"per_layer" or "stacked": `decode_weights` itself, or for "auto" the default (module docstring): per_layer
+    for Gemma 4 and on a CPU (the platform of the params' devices), else stacked."""
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ValueError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {decode_weights!r}")
+    if decode_weights == "stacked" and cfg.layer_list:
+        decode.layer_groups(cfg)  # raises: Gemma 4 has no stacked layers
+    if decode_weights != "auto":
+        return decode_weights
+    devices = getattr(params["embed"], "devices", None)
+    platform = next(iter(devices())).platform if devices else jax.default_backend()
+    return "per_layer" if platform == "cpu" or cfg.layer_list else "stacked"
+
+
 def _check_options(max_new_tokens, temperature, top_k, top_p, num_samples, stop_ids, decode_segment):
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -246,7 +278,8 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, num_samples, stop_
 
 def generate(params, cfg: GemmaConfig, prompts, *, max_new_tokens: int, temperature: float = 1.0, top_k=None,
              top_p=None, stop_ids=(1,), seed: int = 0, num_samples: int = 1, lora=None, pad_id: int = 0,
-             prompt_mask=None, prompt_bucket=None, decode_segment: int = 64) -> SampleOutput:
+             prompt_mask=None, prompt_bucket=None, decode_segment: int = 64,
+             decode_weights: str = "auto") -> SampleOutput:
     """Generate up to `max_new_tokens` tokens after each prompt, `num_samples` samples per prompt.
 
     prompts: a list of token-id lists, or an int array [B,T] (real tokens where `prompt_mask`, default != pad_id).
@@ -256,10 +289,14 @@ def generate(params, cfg: GemmaConfig, prompts, *, max_new_tokens: int, temperat
     prompt_bucket: pad prompts to exactly this length (default: `bucket_length` of the longest prompt).
     decode_segment: decode steps per segment (see `decode_segments`): smaller reads fewer unwritten cache slots
         in the global layers but compiles more loop bodies.
+    decode_weights: "per_layer" (a second copy of the layer weights while decoding), "stacked" (no copy; not for
+        Gemma 4, which never copies) or "auto": per_layer on a CPU, where it is faster, stacked on a TPU or GPU
+        (module docstring). The same tokens either way, log-probs within 1e-5.
     Returns a SampleOutput whose rows i*G .. i*G+G-1 belong to prompt i.
     """
     stop_ids = tuple(int(s) for s in ([stop_ids] if np.isscalar(stop_ids) else stop_ids))
     _check_options(max_new_tokens, temperature, top_k, top_p, num_samples, stop_ids, decode_segment)
+    decode_weights = resolve_decode_weights(decode_weights, cfg, params)
     tokens_BP, mask_BP = pad_prompts(prompts, pad_id=pad_id, vocab_size=cfg.vocab_size, prompt_mask=prompt_mask,
                                      bucket=prompt_bucket)
     greedy = float(temperature) == 0.0
@@ -268,7 +305,8 @@ def generate(params, cfg: GemmaConfig, prompts, *, max_new_tokens: int, temperat
                         jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p if use_top_p else 1.0),
                         cfg=cfg, max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
                         top_k=None if greedy or not top_k else int(top_k), greedy=greedy, use_top_p=use_top_p,
-                        stop_ids=stop_ids, pad_id=int(pad_id), decode_segment=int(decode_segment))
+                        stop_ids=stop_ids, pad_id=int(pad_id), decode_segment=int(decode_segment),
+                        decode_weights=decode_weights)
     tokens, lp, raw, lengths, stopped = jax.device_get(out)
     G = int(num_samples)
     return SampleOutput(tokens=tokens, logprobs=lp, raw_logprobs=raw, lengths=lengths, stopped=stopped,

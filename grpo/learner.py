@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_jax.sampler import DECODE_WEIGHTS
 from gemma_jax.scoring import completion_logprobs
 from gemma_jax.sharding import place_train_state
 from grpo.advantages import ESTIMATORS
@@ -76,6 +77,7 @@ class GRPOHParams:
     top_p: float | None = 1.0  # nucleus threshold (None or 1.0: off)
     max_prompt_tokens: int = 256  # prompts longer than this keep their last tokens
     max_new_tokens: int = 768  # completion budget
+    decode_weights: str = "auto"  # sampler decode weights: per_layer (a copy), stacked (none), auto (CPU: per_layer)
     lr: float = 1e-6  # peak learning rate
     warmup_steps: int = 0  # linear warmup, in optimizer updates
     final_lr_ratio: float = 1.0  # 1.0: constant lr after warmup; 0.0: cosine decay to zero
@@ -95,7 +97,7 @@ class GRPOHParams:
         rows = self.prompts_per_step * self.group_size
         choices = {"kl": KL_KINDS, "loss_agg": LOSS_AGG_MODES, "adv_scale": ("group", "batch", "none"),
                    "loss_type": (None, *LOSS_TYPES), "importance_sampling": IS_LEVELS, "adv_estimator": ESTIMATORS,
-                   "sampler_is": (None, *SAMPLER_IS_MODES)}
+                   "sampler_is": (None, *SAMPLER_IS_MODES), "decode_weights": DECODE_WEIGHTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

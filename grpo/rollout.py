@@ -156,7 +156,8 @@ def _sample_and_score(params, cfg, lora, records, tokenizer, hp, reward_fn, rewa
     t0 = time.perf_counter()
     out = generate(params, cfg, prompts, max_new_tokens=hp.max_new_tokens, temperature=hp.temperature,
                    top_k=hp.top_k, top_p=hp.top_p, stop_ids=tokenizer.stop_ids, seed=seed, num_samples=G,
-                   lora=lora, pad_id=tokenizer.pad_id, prompt_bucket=bucket_length(hp.max_prompt_tokens))
+                   lora=lora, pad_id=tokenizer.pad_id, prompt_bucket=bucket_length(hp.max_prompt_tokens),
+                   decode_weights=hp.decode_weights)
     sample_s = time.perf_counter() - t0
     texts = [tokenizer.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
     records_rep = [r for r in records for _ in range(G)]

@@ -166,7 +166,8 @@ def test_no_flag_gives_every_dataclass_default():
 
 # A valid value other than the default for each str field (a new str field must be added here).
 OTHER_STR = {"kl": "k1", "loss_agg": "token-mean", "loss_type": "dapo", "importance_sampling": "sequence",
-             "adv_scale": "batch", "adv_estimator": "rloo", "sampler_is": "token_mask"}
+             "adv_scale": "batch", "adv_estimator": "rloo", "sampler_is": "token_mask",
+             "decode_weights": "stacked"}
 
 
 def _other_value(f, hint):

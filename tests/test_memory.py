@@ -45,6 +45,26 @@ def test_exact_bytes_one_device(cfg, dtype, targets):
                                    + est["kv_cache"])
 
 
+def test_decode_weights_stacked_drop_the_per_layer_copy():
+    """The sampling estimate with decode_weights="stacked" counts one group's layer slices (TINY: p = 2 of 4
+    layers) instead of the per-layer copy of all the layers and adapters; its sample_total is lower by exactly the
+    difference. Gemma 4 (listed layers) never copies them: 0 either way."""
+    kw = dict(param_dtype="float32", lora_rank=4, batch=3, seq_len=16, cache_batch=3, cache_len=40)
+    per_layer = memory.estimate_bytes(TINY, **kw)
+    stacked = memory.estimate_bytes(TINY, **kw, decode_weights="stacked")
+    copy = total_nbytes(init_params(TINY, 0)["layers"]) + total_nbytes(init_lora(TINY, 4, 8.0))
+    assert per_layer["decode_weights"] == copy and stacked["decode_weights"] == copy // 2
+    assert per_layer["sample_total"] - stacked["sample_total"] == copy - copy // 2
+    assert {k: v for k, v in per_layer.items() if "decode" not in k and "sample" not in k} == \
+        {k: v for k, v in stacked.items() if "decode" not in k and "sample" not in k}
+    from gemma_jax.config import TINY_GEMMA4
+
+    for w in ("per_layer", "stacked"):
+        assert memory.estimate_bytes(TINY_GEMMA4, **kw, decode_weights=w)["decode_weights"] == 0
+    with pytest.raises(ValueError, match="decode_weights must be"):
+        memory.estimate_bytes(TINY, **kw, decode_weights="auto")
+
+
 def test_exact_bytes_per_device_on_mesh():
     mesh = make_mesh("fsdp=4,tp=2")
     est = memory.estimate_bytes(TINY, param_dtype="float32", lora_rank=4, batch=4, seq_len=16,

@@ -1,5 +1,6 @@
 """Sampler tests: greedy parity with Tunix's Sampler and with teacher forcing, log-probs, padding invariance,
-top-k/top-p filters vs NumPy and Tunix, sampled frequencies, stop handling, shared-prefill samples, the CLI."""
+top-k/top-p filters vs NumPy and Tunix, sampled frequencies, stop handling, shared-prefill samples, the stacked
+decode weights (same output, less memory), the CLI."""
 
 import dataclasses
 
@@ -11,7 +12,8 @@ from tunix_utils import IdTokenizer, to_tunix
 
 import gemma_jax as g
 from gemma_jax import decode
-from gemma_jax.model import forward, init_params
+from gemma_jax.config import TINY_GEMMA4
+from gemma_jax.model import abstract_params, forward, init_params
 from gemma_jax.sampler import (
     argmax_first,
     bucket_length,
@@ -291,6 +293,10 @@ def test_buckets_and_bad_input(params):
         generate(params, cfg, [[2, 3, 4, 5, 6]], max_new_tokens=2, prompt_bucket=4)
     with pytest.raises(ValueError, match="decode_segment"):
         generate(params, cfg, [[2, 3]], max_new_tokens=2, decode_segment=0)
+    with pytest.raises(ValueError, match="decode_weights must be one of"):
+        generate(params, cfg, [[2, 3]], max_new_tokens=2, decode_weights="scan")
+    with pytest.raises(ValueError, match=r"Gemma 4 \(cfg.layer_list\) keeps one pytree per layer"):
+        generate(None, TINY_GEMMA4, [[2, 3]], max_new_tokens=2, decode_weights="stacked")
 
 
 def test_decode_segments_and_buffer_lengths():
@@ -304,6 +310,59 @@ def test_decode_segments_and_buffer_lengths():
     assert decode.buffer_lengths(g.TINY, 39) == (8, 39, 8, 39)  # TINY: local layers 0 and 2, window 8
     assert decode.buffer_lengths(g.TINY, 6) == (6, 6, 6, 6)
     assert decode.buffer_lengths(g.TINY_GEMMA1, 39) == (39,) * 4  # no window
+    assert decode.layer_groups(g.GEMMA2_2B) == ((0, 2, 13),) and decode.layer_groups(g.TINY_GEMMA1) == ((0, 1, 4),)
+    assert decode.layer_groups(g.GEMMA3_1B) == ((0, 6, 4), (24, 1, 2))  # 4 x (5 local, 1 global), 2 local
+
+
+# Gemma 2 (local, global) x 2: one loop over 2 groups of 2; Gemma 3 with 8 layers: 5 local + 1 global, then a loop
+# over the last 2 (local) layers.
+STACKED_CASES = {"gemma2": g.TINY, "gemma3": dataclasses.replace(g.TINY_GEMMA3, num_layers=8)}
+
+
+@pytest.mark.parametrize("name", sorted(STACKED_CASES))
+def test_stacked_decode_weights_give_the_per_layer_output(name):
+    """decode_weights="stacked" (layers read out of the stacked arrays in a loop, no copy) against "per_layer": a
+    left-padded batch with LoRA on, greedy and sampled with a fixed seed; Gemma 2 with 8-step segments (the
+    stacked buffers grow, and the local ones turn into rings). The same tokens exactly, log-probs within 1e-5."""
+    import lora as lora_lib
+
+    cfg = STACKED_CASES[name]
+    params = _diverse_params(cfg, 3)
+    adapters = lora_lib.init_lora(cfg, rank=4, alpha=8.0, seed=1)
+    adapters = dataclasses.replace(adapters, layers=jax.tree.map(
+        lambda b: 0.5 * jax.random.normal(jax.random.key(4), b.shape), adapters.layers))
+    assert decode.layer_groups(cfg) == {"gemma2": ((0, 2, 2),), "gemma3": ((0, 6, 1), (6, 1, 2))}[name]
+    prompts = _prompts([3, 11, 16], seed=2)
+    segment = 8 if name == "gemma2" else 64
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, top_k=30, seed=7, num_samples=2)):
+        per_layer, stacked = (generate(params, cfg, prompts, max_new_tokens=N_NEW, stop_ids=(), lora=adapters,
+                                       decode_segment=segment, decode_weights=w, **kw)
+                              for w in ("per_layer", "stacked"))
+        assert stacked.tokens.tolist() == per_layer.tokens.tolist()
+        assert np.abs(stacked.logprobs - per_layer.logprobs).max() <= 1e-5
+        assert np.abs(stacked.raw_logprobs - per_layer.raw_logprobs).max() <= 1e-5
+        assert len({t for row in stacked.tokens.tolist() for t in row}) >= 15  # a non-degenerate output
+
+
+def test_stacked_decode_weights_hold_no_copy():
+    """XLA's own temp bytes of the compiled generate (4 layers whose weights dwarf the rest): the stacked path's
+    temporaries are smaller than the per-layer path's by at least the weights of the L - p = 2 layers outside one
+    group (p = 2: the slices of one group may be alive together, module docstring of gemma_jax/decode.py)."""
+    from gemma_jax.sampler import _generate_jit
+
+    cfg = dataclasses.replace(g.TINY, embed_dim=256, hidden_dim=1024, num_heads=4, num_kv_heads=2, head_dim=64,
+                              query_pre_attn_scalar=64)
+    params = abstract_params(cfg)
+    layer_bytes = sum(x.size * 4 for x in jax.tree.leaves(params["layers"]))
+    args = (params, None, jax.ShapeDtypeStruct((2, 16), jnp.int32), jax.ShapeDtypeStruct((2, 16), bool),
+            jnp.uint32(0), jnp.float32(1.0), jnp.float32(1.0))
+    temp = {w: _generate_jit.lower(*args, cfg=cfg, max_new_tokens=8, num_samples=1, top_k=None, greedy=True,
+                                   use_top_p=False, stop_ids=(1,), pad_id=0, decode_segment=64,
+                                   decode_weights=w).compile().memory_analysis().temp_size_in_bytes
+            for w in ("per_layer", "stacked")}
+    print(f"layer weights {layer_bytes} B, XLA temp bytes {temp}")
+    assert temp["per_layer"] >= layer_bytes  # the copy is there
+    assert temp["per_layer"] - temp["stacked"] >= layer_bytes * 2 // 4
 
 
 def test_segments_and_ring_buffers_equal_teacher_forcing(params):

@@ -9,8 +9,11 @@ rules (with its divisibility fallback, so the sharded sizes are exact):
     activations   what the backward pass of a LoRA step keeps alive at its peak (below)
     kv_cache      gemma_jax.model.init_cache(cfg, cache_batch, cache_len): k and v [L,B,S,K,H] + pos, valid, index
                   (the sampler's per-layer decode buffers hold at most this: local layers keep only the window)
-    decode_weights  the per-layer copy of the layer weights and adapters that the sampler's decode loop reads
-                  (gemma_jax.decode.unstack_layers), alive while sampling next to the stacked originals
+    decode_weights  with decode_weights="per_layer": the per-layer copy of the layer weights and adapters that
+                  the sampler's decode loop reads (gemma_jax.decode.unstack_layers), alive while sampling next to
+                  the stacked originals; "stacked": the slices of one group of p layers (decode.layer_groups:
+                  Gemma 2 p = 2, Gemma 3 p = 6 of the L layers), which a backend that copies a slice before a
+                  matmul (XLA's CPU backend does) may hold together; Gemma 4 (listed layers): 0 either way
 All but the activations are exact sums of array sizes; activations are a model of what XLA keeps, checked
 against `compiled.memory_analysis().temp_size_in_bytes` in tests/test_memory.py (within the factor stated there).
 
@@ -43,6 +46,7 @@ import jax
 import numpy as np
 
 from gemma_jax.config import GemmaConfig
+from gemma_jax.decode import layer_groups
 from gemma_jax.model import ParamSpec, lora_specs, param_specs
 from gemma_jax.sharding import CACHE_AXES, MESH_AXES, logical_to_spec
 
@@ -109,13 +113,14 @@ def activation_bytes(cfg: GemmaConfig, *, dtype, batch: int, seq_len: int, mesh_
 def estimate_bytes(cfg: GemmaConfig, *, param_dtype="bfloat16", lora_rank: int, lora_targets=("q", "kv", "gate",
                    "up", "down"), lora_dtype="float32", optimizer: str = "adamw", batch: int, seq_len: int,
                    mesh_shape: dict | None = None, remat: bool = True, cache_batch: int | None = None,
-                   cache_len: int | None = None) -> dict:
+                   cache_len: int | None = None, decode_weights: str = "per_layer") -> dict:
     """Bytes per device of each part of a LoRA train step and of a sampling KV cache (see the module docstring).
 
     Returns {"base_params", "lora_params", "grads", "optimizer", "activations", "activations_no_remat",
     "activations_remat", "train_total", "kv_cache", "decode_weights", "sample_total"}: train_total = params +
-    LoRA + grads + optimizer + activations (with `remat` as given); sample_total = base + LoRA + their per-layer
-    decode copy + KV cache for `cache_batch` rows of `cache_len` tokens (default: batch and seq_len)."""
+    LoRA + grads + optimizer + activations (with `remat` as given); sample_total = base + LoRA + decode_weights
+    (for the sampler's `decode_weights`, "per_layer" or "stacked") + KV cache for `cache_batch` rows of
+    `cache_len` tokens (default: batch and seq_len)."""
     mesh_shape = dict(mesh_shape or {})
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
@@ -138,10 +143,22 @@ def estimate_bytes(cfg: GemmaConfig, *, param_dtype="bfloat16", lora_rank: int, 
            "activations": act[remat], "activations_no_remat": act[False], "activations_remat": act[True],
            "kv_cache": cache}
     out["train_total"] = base + 2 * lora + opt + act[remat]
-    out["decode_weights"] = sum(shard_bytes(s.shape, s.axes, param_dtype, mesh_shape)
-                                for s in _spec_leaves(specs["layers"])) + lora
+    out["decode_weights"] = _decode_weight_bytes(cfg, decode_weights, specs, lora, param_dtype, mesh_shape)
     out["sample_total"] = base + lora + out["decode_weights"] + cache
     return out
+
+
+def _decode_weight_bytes(cfg, decode_weights, specs, lora, param_dtype, mesh_shape) -> int:
+    """The `decode_weights` term of estimate_bytes (module docstring); lora: the adapters' bytes."""
+    if decode_weights not in ("per_layer", "stacked"):
+        raise ValueError(f"decode_weights must be 'per_layer' or 'stacked', got {decode_weights!r}")
+    if cfg.layer_list:  # Gemma 4: the decode loop reads the listed layers in place
+        return 0
+    copy = sum(shard_bytes(s.shape, s.axes, param_dtype, mesh_shape) for s in _spec_leaves(specs["layers"])) + lora
+    if decode_weights == "per_layer":
+        return copy
+    group = max(p for _, p, _ in layer_groups(cfg))
+    return copy * group // cfg.num_layers  # every layer (and its adapters) has the same shape in Gemma 1-3
 
 
 def _spec_leaves(tree) -> list:
