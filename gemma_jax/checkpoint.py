@@ -194,11 +194,11 @@ def _hf_gemma4_names(cfg: GemmaConfig) -> dict:
         if cfg.use_layer_scalar:
             names["layer_scalar"] = ("layer_scalar", (1,))
         if cfg.num_experts:  # HF stores the experts as [E, out, in] tensors without a ".weight" suffix
-            E, I = cfg.num_experts, cfg.moe_hidden_dim
+            E, M = cfg.num_experts, cfg.moe_hidden_dim
             names.update({"router.proj.weight": ("router", (E, D)), "router.scale": ("router_scale", (D,)),
                           "router.per_expert_scale": ("per_expert_scale", (E,)),
-                          "experts.gate_up_proj": ("experts_gate_up", (E, 2 * I, D)),
-                          "experts.down_proj": ("experts_down", (E, D, I)),
+                          "experts.gate_up_proj": ("experts_gate_up", (E, 2 * M, D)),
+                          "experts.down_proj": ("experts_down", (E, D, M)),
                           "post_feedforward_layernorm_1.weight": ("post_mlp_norm", (D,)),
                           "pre_feedforward_layernorm_2.weight": ("pre_moe_norm", (D,)),
                           "post_feedforward_layernorm_2.weight": ("post_moe_norm", (D,))})
@@ -238,7 +238,7 @@ def _take(params, ours, i, hf_shape):
 
 def _hf_to_ours(w, our_shape):
     """HF [out, in] linear -> ours [in, ...out] (or [...in, out] for o); 1-D norms pass through; Gemma 4 experts
-    [E, out, in] -> ours [E, in, ...out] (gate_up [E, 2I, D] -> [E, D, 2, I]: gate first, as HF's chunk)."""
+    [E, out, in] -> ours [E, in, ...out] (gate_up [E, 2M, D] -> [E, D, 2, M]: gate first, as HF's chunk)."""
     if w.ndim == 3:
         return np.swapaxes(w, 1, 2).reshape(our_shape)
     return w if w.ndim == 1 else w.T.reshape(our_shape)

@@ -69,7 +69,7 @@ class GemmaConfig:
     # dense MLP (gemma_jax/model.py `_moe`). 0: no experts (a dense model).
     num_experts: int = 0  # E, experts per layer (HF num_experts)
     top_k_experts: int = 0  # A, experts each token is routed to (HF top_k_experts)
-    moe_hidden_dim: int = 0  # I, hidden size of each expert's gelu MLP (HF moe_intermediate_size)
+    moe_hidden_dim: int = 0  # M, hidden size of each expert's gelu MLP (HF moe_intermediate_size)
 
     def __post_init__(self):
         if sum(bool(x) for x in (self.local_layer_period, self.sliding_window_pattern, self.layer_types)) > 1:

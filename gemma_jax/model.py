@@ -4,7 +4,7 @@ and the forward pass.
 Dimension letters used in names and einsums throughout the project:
     B batch, T query length, S key length (cache capacity), D model width, N query heads, K kv heads,
     H head dim, F mlp hidden, V vocab, L layers, R LoRA rank, G group size, P per-layer input (Gemma 4),
-    E experts, I expert hidden, A experts chosen per token (Gemma 4 mixture of experts).
+    E experts, M expert hidden, A experts chosen per token (Gemma 4 mixture of experts).
 
 Params are a plain dict pytree. Layer weights are stacked along a leading L axis so the layers can run under
 `lax.scan` (compile time flat in depth):
@@ -124,8 +124,8 @@ def _gemma4_param_specs(cfg: GemmaConfig) -> dict:
     PLE (per_layer_input_dim P > 0): per_layer_embed [Vp,L,P], per_layer_proj [D,L,P], per_layer_proj_norm [P];
     per layer ple_gate [D,P], ple_proj [P,D], ple_norm [D].
     Mixture of experts (num_experts E > 0), per layer: router [D,E], router_scale [D], per_expert_scale [E],
-    experts_gate_up [E,D,2,I] (gate at index 0 of the pair axis, up at 1, as HF's fused gate_up_proj),
-    experts_down [E,I,D], and the norms post_mlp_norm (dense MLP output), pre_moe_norm, post_moe_norm."""
+    experts_gate_up [E,D,2,M] (gate at index 0 of the pair axis, up at 1, as HF's fused gate_up_proj),
+    experts_down [E,M,D], and the norms post_mlp_norm (dense MLP output), pre_moe_norm, post_moe_norm."""
     D, N, P, L = cfg.embed_dim, cfg.num_heads, cfg.per_layer_input_dim, cfg.num_layers
     norm_init = "zeros" if cfg.norm_plus_one else "ones"
     norm = ParamSpec((D,), ("norm",), norm_init)
@@ -150,12 +150,12 @@ def _gemma4_param_specs(cfg: GemmaConfig) -> dict:
         if cfg.use_layer_scalar:
             w["layer_scalar"] = ParamSpec((1,), ("norm",), "ones")
         if cfg.num_experts:
-            E, I = cfg.num_experts, cfg.moe_hidden_dim
+            E, M = cfg.num_experts, cfg.moe_hidden_dim
             w.update(router=ParamSpec((D, E), ("embed", None), "normal", D),  # replicated: softmax, top-k read all E
                      router_scale=ParamSpec((D,), ("norm",), "ones"),
                      per_expert_scale=ParamSpec((E,), (None,), "ones"),
-                     experts_gate_up=ParamSpec((E, D, 2, I), ("expert", "embed", "pair", "mlp"), "normal", D),
-                     experts_down=ParamSpec((E, I, D), ("expert", "mlp", "embed"), "normal", I),
+                     experts_gate_up=ParamSpec((E, D, 2, M), ("expert", "embed", "pair", "mlp"), "normal", D),
+                     experts_down=ParamSpec((E, M, D), ("expert", "mlp", "embed"), "normal", M),
                      post_mlp_norm=norm, pre_moe_norm=norm, post_moe_norm=norm)
         layers.append(w)
     out = {"embed": ParamSpec((cfg.vocab_size, D), ("vocab", "embed"), "embed", D),
@@ -507,7 +507,7 @@ def _moe(cfg, x_BTD, w):
     Computed densely: every expert runs on every token and the [B,T,E] combine weights are zero off the top A, so
     there is no gather, sort or capacity, and the gradient is that of plain einsums. The price: E / A times the
     expert FLOPs (16x for 26B-A4B: its experts then cost 3 x 128 x 2816 x 704 x 2 = 1.5 GFLOP per token and
-    layer instead of 95 M) and [B,T,E,I] expert activations (2 x 2048 tokens: 369 M numbers per tensor per
+    layer instead of 95 M) and [B,T,E,M] expert activations (2 x 2048 tokens: 369 M numbers per tensor per
     layer, 0.74 GB in bf16, before any tp split of E). A sorted dispatch with jax.lax.ragged_dot (as Tunix does)
     would remove both; it is not written yet. The router's top-k is not differentiated (the weights c are)."""
     E, A, D = cfg.num_experts, cfg.top_k_experts, cfg.embed_dim
@@ -522,10 +522,10 @@ def _moe(cfg, x_BTD, w):
         c_BTE = jnp.einsum("BTAE,BTA->BTE", jax.nn.one_hot(idx_BTA, E, dtype=jnp.float32), top_BTA)
     with jax.named_scope("experts"):
         h_BTD = rms_norm(x_BTD, w["pre_moe_norm"], cfg.norm_eps, cfg.norm_plus_one)
-        gate_up_BTECI = jnp.einsum("BTD,EDCI->BTECI", h_BTD, w["experts_gate_up"])
-        h_BTEI = jax.nn.gelu(gate_up_BTECI[:, :, :, 0], approximate=True) * gate_up_BTECI[:, :, :, 1]
-        h_BTEI = h_BTEI * c_BTE[..., None].astype(dtype)
-        return jnp.einsum("BTEI,EID->BTD", h_BTEI, w["experts_down"])
+        gate_up_BTECM = jnp.einsum("BTD,EDCM->BTECM", h_BTD, w["experts_gate_up"])
+        h_BTEM = jax.nn.gelu(gate_up_BTECM[:, :, :, 0], approximate=True) * gate_up_BTECM[:, :, :, 1]
+        h_BTEM = h_BTEM * c_BTE[..., None].astype(dtype)
+        return jnp.einsum("BTEM,EMD->BTD", h_BTEM, w["experts_down"])
 
 
 def _block(cfg, x_BTD, w, lora_layer, scale, attend, ple_BTP=None):
