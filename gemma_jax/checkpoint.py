@@ -163,7 +163,8 @@ def _hf_name_map(cfg: GemmaConfig, embed_rows: int | None = None) -> dict:
 def _hf_gemma4_names(cfg: GemmaConfig) -> dict:
     """Gemma 4 (transformers Gemma4ForCausalLM) names past the embedding and final norm: each layer's own shapes
     (gemma_jax.model.layer_kinds); KV-shared layers have no k/v/k_norm tensors; v_norm has no weight; PLE tensors
-    and layer_scalar [1] (a buffer in transformers, saved with the weights)."""
+    and layer_scalar [1] (a buffer in transformers, saved with the weights); a mixture of experts' router and
+    experts (its router norm has no weight)."""
     D, N, P, L = cfg.embed_dim, cfg.num_heads, cfg.per_layer_input_dim, cfg.num_layers
     out = {}
     if P:
@@ -193,6 +194,15 @@ def _hf_gemma4_names(cfg: GemmaConfig) -> dict:
                           "post_per_layer_input_norm.weight": ("ple_norm", (D,))})
         if cfg.use_layer_scalar:
             names["layer_scalar"] = ("layer_scalar", (1,))
+        if cfg.num_experts:  # HF stores the experts as [E, out, in] tensors without a ".weight" suffix
+            E, M = cfg.num_experts, cfg.moe_hidden_dim
+            names.update({"router.proj.weight": ("router", (E, D)), "router.scale": ("router_scale", (D,)),
+                          "router.per_expert_scale": ("per_expert_scale", (E,)),
+                          "experts.gate_up_proj": ("experts_gate_up", (E, 2 * M, D)),
+                          "experts.down_proj": ("experts_down", (E, D, M)),
+                          "post_feedforward_layernorm_1.weight": ("post_mlp_norm", (D,)),
+                          "pre_feedforward_layernorm_2.weight": ("pre_moe_norm", (D,)),
+                          "post_feedforward_layernorm_2.weight": ("post_moe_norm", (D,))})
         out.update({f"model.layers.{i}.{suffix}": (ours, i, shape) for suffix, (ours, shape) in names.items()})
     return out
 
@@ -228,11 +238,16 @@ def _take(params, ours, i, hf_shape):
 
 
 def _hf_to_ours(w, our_shape):
-    """HF [out, in] linear -> ours [in, ...out] (or [...in, out] for o); 1-D norms pass through."""
+    """HF [out, in] linear -> ours [in, ...out] (or [...in, out] for o); 1-D norms pass through; Gemma 4 experts
+    [E, out, in] -> ours [E, in, ...out] (gate_up [E, 2M, D] -> [E, D, 2, M]: gate first, as HF's chunk)."""
+    if w.ndim == 3:
+        return np.swapaxes(w, 1, 2).reshape(our_shape)
     return w if w.ndim == 1 else w.T.reshape(our_shape)
 
 
 def _ours_to_hf(x, hf_shape):
+    if len(hf_shape) == 3:
+        return np.swapaxes(x.reshape(hf_shape[0], hf_shape[2], hf_shape[1]), 1, 2)
     return x if len(hf_shape) == 1 else x.reshape(hf_shape[1], hf_shape[0]).T
 
 

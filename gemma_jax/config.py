@@ -65,6 +65,11 @@ class GemmaConfig:
     global_rope_fraction: float = 1.0  # proportional RoPE on global layers: rotate this share of H/2 angles
     double_wide_mlp: bool = False  # the KV-shared layers' MLP hidden is 2F (HF use_double_wide_mlp)
     use_layer_scalar: bool = False  # each layer's output (the whole residual stream) times a stored scalar [1]
+    # Gemma 4 mixture of experts (26B-A4B; HF enable_moe_block): every layer adds a routed expert MLP next to its
+    # dense MLP (gemma_jax/model.py `_moe`). 0: no experts (a dense model).
+    num_experts: int = 0  # E, experts per layer (HF num_experts)
+    top_k_experts: int = 0  # A, experts each token is routed to (HF top_k_experts)
+    moe_hidden_dim: int = 0  # M, hidden size of each expert's gelu MLP (HF moe_intermediate_size)
 
     def __post_init__(self):
         if sum(bool(x) for x in (self.local_layer_period, self.sliding_window_pattern, self.layer_types)) > 1:
@@ -80,6 +85,9 @@ class GemmaConfig:
             raise ValueError("Gemma 4 features need use_post_norms and use_qk_norm (a Gemma 4 config)")
         if not 0 <= self.num_kv_shared_layers < self.num_layers:
             raise ValueError(f"num_kv_shared_layers must be in [0, num_layers), got {self.num_kv_shared_layers}")
+        if self.num_experts and not (0 < self.top_k_experts <= self.num_experts and self.moe_hidden_dim > 0):
+            raise ValueError(f"a mixture of experts needs 0 < top_k_experts <= num_experts and moe_hidden_dim > 0; "
+                             f"got {self.top_k_experts}, {self.num_experts}, {self.moe_hidden_dim}")
 
     @property
     def layer_list(self) -> bool:
@@ -88,7 +96,7 @@ class GemmaConfig:
         return (not self.norm_plus_one or bool(self.per_layer_input_dim) or bool(self.num_kv_shared_layers)
                 or self.global_head_dim is not None or self.num_global_kv_heads is not None or self.attention_k_eq_v
                 or self.use_value_norm or self.global_rope_fraction != 1.0 or self.double_wide_mlp
-                or self.use_layer_scalar)
+                or self.use_layer_scalar or bool(self.num_experts))
 
     @property
     def is_local_layer(self) -> tuple[bool, ...]:
@@ -200,7 +208,6 @@ TINY_GEMMA3 = GemmaConfig(
 # (48 layers, D 3840, F 15360, 16 heads, 8 kv heads, global layers 1 kv head with k = v, window 1024, 5 : 1 pattern,
 # no PLE, no KV sharing); transformers 5.12.1 runs it as Gemma4UnifiedForCausalLM, whose text layers are
 # Gemma4TextModel's without PLE (tests/test_gemma4.py counts both and checks the logits of a tiny one).
-# The 26B-A4B mixture-of-experts model is not implemented here.
 _GEMMA4 = dict(vocab_size=262_144, head_dim=256, query_pre_attn_scalar=1.0, final_logit_softcap=30.0,
                use_post_norms=True, use_qk_norm=True, rope_base=1_000_000.0, rope_local_base=10_000.0,
                norm_plus_one=False, global_head_dim=512, use_value_norm=True, global_rope_fraction=0.25,
@@ -217,6 +224,14 @@ GEMMA4_31B = GemmaConfig(num_layers=60, embed_dim=5376, hidden_dim=5376 * 4, num
 GEMMA4_12B = GemmaConfig(num_layers=48, embed_dim=3840, hidden_dim=3840 * 4, num_heads=16, num_kv_heads=8,
                          num_global_kv_heads=1, attention_k_eq_v=True, sliding_window=1024, sliding_window_pattern=6,
                          **_GEMMA4)
+
+# The mixture of experts: the text_config of the published google/gemma-4-26B-A4B(-it) config.json (Tunix
+# ModelConfig.gemma4_26b_a4b agrees): 30 layers 5 local : 1 global, D 2816, dense MLP 2112 next to 128 experts
+# of hidden 704 with top-8 routing, 16 heads, 8 kv heads (global: 2, with k = v), window 1024, no PLE.
+GEMMA4_26B_A4B = GemmaConfig(num_layers=30, embed_dim=2816, hidden_dim=2112, num_heads=16, num_kv_heads=8,
+                             num_global_kv_heads=2, attention_k_eq_v=True, sliding_window=1024,
+                             sliding_window_pattern=6, num_experts=128, top_k_experts=8, moe_hidden_dim=704,
+                             **_GEMMA4)
 
 # Every Gemma 4 feature at tiny size: 6 layers with pattern 3 (layers 2 and 5 global), window 8 < test length,
 # the last 3 layers KV-shared (layer 3 reads layer 1's k/v, layer 4 too, layer 5 reads layer 2's), global head
@@ -256,7 +271,7 @@ _HF_GEMMA3_MM_KEYS = {
     "image_token_index", "mm_tokens_per_image", "initializer_range", "tie_word_embeddings", "transformers_version",
     "torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path", "use_cache",
 }
-# Gemma 4 text fields (transformers Gemma4TextConfig); the MoE ones are read only to refuse enable_moe_block.
+# Gemma 4 text fields (transformers Gemma4TextConfig).
 _HF_GEMMA4_KEYS = {
     "vocab_size_per_layer_input", "hidden_size_per_layer_input", "num_global_key_value_heads", "global_head_dim",
     "attention_k_eq_v", "num_kv_shared_layers", "enable_moe_block", "use_double_wide_mlp", "num_experts",
@@ -444,9 +459,15 @@ def _gemma4_layer_types(raw, L):
 
 
 def _gemma4_from_hf(raw, source, kw):
-    """The Gemma 4 part of config_from_hf (transformers Gemma4TextConfig; dense models only)."""
+    """The Gemma 4 part of config_from_hf (transformers Gemma4TextConfig; dense, or experts in every layer with
+    enable_moe_block)."""
+    moe = {}
     if raw.get("enable_moe_block"):
-        raise ValueError(f"{source}: enable_moe_block is set: the mixture-of-experts Gemma 4 is not supported")
+        for key in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+            if not raw.get(key):
+                raise ValueError(f"{source}: enable_moe_block is set but {key!r} is missing")
+        moe = dict(num_experts=int(raw["num_experts"]), top_k_experts=int(raw["top_k_experts"]),
+                   moe_hidden_dim=int(raw["moe_intermediate_size"]))
     if raw.get("use_bidirectional_attention") == "all":
         raise ValueError(f"{source}: use_bidirectional_attention 'all' is not supported (causal LM only)")
     # use_bidirectional_attention "vision" only changes image tokens' masks: text is causal either way.
@@ -482,7 +503,7 @@ def _gemma4_from_hf(raw, source, kw):
         num_kv_shared_layers=int(raw.get("num_kv_shared_layers", 0)),
         global_head_dim=None if global_H == H else int(global_H),
         num_global_kv_heads=None if global_K in (None, kw["num_kv_heads"]) else int(global_K),
-        attention_k_eq_v=k_eq_v, double_wide_mlp=bool(raw.get("use_double_wide_mlp", False)),
+        attention_k_eq_v=k_eq_v, double_wide_mlp=bool(raw.get("use_double_wide_mlp", False)), **moe,
     )
 
 
@@ -514,7 +535,8 @@ def _gemma4_to_hf(cfg: GemmaConfig, out: dict) -> dict:
         global_head_dim=cfg.global_head_dim or cfg.head_dim,
         num_global_key_value_heads=cfg.num_global_kv_heads, attention_k_eq_v=cfg.attention_k_eq_v,
         num_kv_shared_layers=cfg.num_kv_shared_layers, use_double_wide_mlp=cfg.double_wide_mlp,
-        enable_moe_block=False,
+        enable_moe_block=bool(cfg.num_experts), num_experts=cfg.num_experts or None,
+        top_k_experts=cfg.top_k_experts or None, moe_intermediate_size=cfg.moe_hidden_dim or None,
     )
     return out
 

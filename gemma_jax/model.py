@@ -3,7 +3,8 @@ and the forward pass.
 
 Dimension letters used in names and einsums throughout the project:
     B batch, T query length, S key length (cache capacity), D model width, N query heads, K kv heads,
-    H head dim, F mlp hidden, V vocab, L layers, R LoRA rank, G group size, P per-layer input (Gemma 4).
+    H head dim, F mlp hidden, V vocab, L layers, R LoRA rank, G group size, P per-layer input (Gemma 4),
+    E experts, M expert hidden, A experts chosen per token (Gemma 4 mixture of experts).
 
 Params are a plain dict pytree. Layer weights are stacked along a leading L axis so the layers can run under
 `lax.scan` (compile time flat in depth):
@@ -20,7 +21,8 @@ Gemma 3 (transformers `models/gemma3/modeling_gemma3.py`): q/k RMSNorm then RoPE
 linear scaling; which layers are local comes from `cfg.is_local_layer`.
 Gemma 4 (transformers `models/gemma4/modeling_gemma4.py`; docs/reference.md#gemma-4-dense-text-models): layers of
 different shapes, so params["layers"] is a list of per-layer dicts (`layer_kinds`, `_gemma4_param_specs`) and the
-layers are unrolled (`_gemma4_layers`); P below is the per-layer-embedding width.
+layers are unrolled (`_gemma4_layers`); P below is the per-layer-embedding width. The 26B-A4B mixture of experts
+adds routed experts next to each layer's dense MLP (`_moe`).
 """
 
 import dataclasses
@@ -120,7 +122,10 @@ def _gemma4_param_specs(cfg: GemmaConfig) -> dict:
     """Gemma 4: params["layers"] is a list of per-layer dicts (no L axis), because layers differ in shape.
     Norm scales are stored as transformers stores them (scale w, init 1; cfg.norm_plus_one False).
     PLE (per_layer_input_dim P > 0): per_layer_embed [Vp,L,P], per_layer_proj [D,L,P], per_layer_proj_norm [P];
-    per layer ple_gate [D,P], ple_proj [P,D], ple_norm [D]."""
+    per layer ple_gate [D,P], ple_proj [P,D], ple_norm [D].
+    Mixture of experts (num_experts E > 0), per layer: router [D,E], router_scale [D], per_expert_scale [E],
+    experts_gate_up [E,D,2,M] (gate at index 0 of the pair axis, up at 1, as HF's fused gate_up_proj),
+    experts_down [E,M,D], and the norms post_mlp_norm (dense MLP output), pre_moe_norm, post_moe_norm."""
     D, N, P, L = cfg.embed_dim, cfg.num_heads, cfg.per_layer_input_dim, cfg.num_layers
     norm_init = "zeros" if cfg.norm_plus_one else "ones"
     norm = ParamSpec((D,), ("norm",), norm_init)
@@ -144,6 +149,14 @@ def _gemma4_param_specs(cfg: GemmaConfig) -> dict:
                      ple_proj=ParamSpec((P, D), ("norm", "embed"), "normal", P), ple_norm=norm)
         if cfg.use_layer_scalar:
             w["layer_scalar"] = ParamSpec((1,), ("norm",), "ones")
+        if cfg.num_experts:
+            E, M = cfg.num_experts, cfg.moe_hidden_dim
+            w.update(router=ParamSpec((D, E), ("embed", None), "normal", D),  # replicated: softmax, top-k read all E
+                     router_scale=ParamSpec((D,), ("norm",), "ones"),
+                     per_expert_scale=ParamSpec((E,), (None,), "ones"),
+                     experts_gate_up=ParamSpec((E, D, 2, M), ("expert", "embed", "pair", "mlp"), "normal", D),
+                     experts_down=ParamSpec((E, M, D), ("expert", "mlp", "embed"), "normal", M),
+                     post_mlp_norm=norm, pre_moe_norm=norm, post_moe_norm=norm)
         layers.append(w)
     out = {"embed": ParamSpec((cfg.vocab_size, D), ("vocab", "embed"), "embed", D),
            "final_norm": norm, "layers": layers}
@@ -484,17 +497,54 @@ def _mlp(x_BTD, w, lora_layer, scale):
     return _project("down", "BTF,FD->BTD", h_BTF, w["down"], lora_layer, scale)
 
 
+def _moe(cfg, x_BTD, w):
+    """Gemma 4's routed experts on the residual stream x (the dense MLP's input before its norm), exactly as
+    transformers' Gemma4TextRouter and Gemma4TextExperts:
+        router:  p = softmax_E((rms_norm(x) * router_scale * D^-0.5) @ router)   (rms_norm without scale)
+                 the top A of p, renormalised to sum 1, each times per_expert_scale of its expert -> weights c
+        experts: y = sum over the chosen e of c_e * down_e(gelu_tanh(gate_e(h)) * up_e(h)),  h = pre_moe_norm(x)
+    (Tunix 0.1.7's MoE routes from the pre_moe-normed h instead of x; we follow transformers.)
+    Computed densely: every expert runs on every token and the [B,T,E] combine weights are zero off the top A, so
+    there is no gather, sort or capacity, and the gradient is that of plain einsums. The price: E / A times the
+    expert FLOPs (16x for 26B-A4B: its experts then cost 3 x 128 x 2816 x 704 x 2 = 1.5 GFLOP per token and
+    layer instead of 95 M) and [B,T,E,M] expert activations (2 x 2048 tokens: 369 M numbers per tensor per
+    layer, 0.74 GB in bf16, before any tp split of E). A sorted dispatch with jax.lax.ragged_dot (as Tunix does)
+    would remove both; it is not written yet. The router's top-k is not differentiated (the weights c are)."""
+    E, A, D = cfg.num_experts, cfg.top_k_experts, cfg.embed_dim
+    dtype = x_BTD.dtype
+    with jax.named_scope("router"):
+        r_BTD = rms_norm(x_BTD, None, cfg.norm_eps) * w["router_scale"].astype(dtype) * jnp.asarray(D ** -0.5, dtype)
+        logits_BTE = jnp.einsum("BTD,DE->BTE", r_BTD, w["router"])
+        p_BTE = jax.nn.softmax(logits_BTE.astype(jnp.float32), axis=-1)
+        top_BTA, idx_BTA = jax.lax.top_k(p_BTE, A)
+        top_BTA = top_BTA / jnp.sum(top_BTA, axis=-1, keepdims=True)
+        top_BTA = top_BTA * w["per_expert_scale"].astype(jnp.float32)[idx_BTA]
+        c_BTE = jnp.einsum("BTAE,BTA->BTE", jax.nn.one_hot(idx_BTA, E, dtype=jnp.float32), top_BTA)
+    with jax.named_scope("experts"):
+        h_BTD = rms_norm(x_BTD, w["pre_moe_norm"], cfg.norm_eps, cfg.norm_plus_one)
+        gate_up_BTECM = jnp.einsum("BTD,EDCM->BTECM", h_BTD, w["experts_gate_up"])
+        h_BTEM = jax.nn.gelu(gate_up_BTECM[:, :, :, 0], approximate=True) * gate_up_BTECM[:, :, :, 1]
+        h_BTEM = h_BTEM * c_BTE[..., None].astype(dtype)
+        return jnp.einsum("BTEM,EMD->BTD", h_BTEM, w["experts_down"])
+
+
 def _block(cfg, x_BTD, w, lora_layer, scale, attend, ple_BTP=None):
     """One transformer block: pre-norm attention and MLP, with Gemma 2's post-norms when configured.
     `attend(h_BTD) -> (out_BTD, extra)` is the attention of this layer (full or cached, see callers); returns
-    (x, extra). Gemma 4 (HF Gemma4TextDecoderLayer): then the per-layer input ple_BTP enters through
-    norm(proj(gelu(gate(x)) * ple)) added to x, and the whole residual stream is multiplied by the layer scalar."""
+    (x, extra). Gemma 4 (HF Gemma4TextDecoderLayer): with experts (cfg.num_experts) the MLP output is
+    post_mlp_norm(dense MLP) + post_moe_norm(experts), both read from the same residual x; then the per-layer input
+    ple_BTP enters through norm(proj(gelu(gate(x)) * ple)) added to x, and the whole residual stream is multiplied
+    by the layer scalar."""
     eps, plus_one = cfg.norm_eps, cfg.norm_plus_one
     h, extra = attend(rms_norm(x_BTD, w["attn_norm"], eps, plus_one))
     if cfg.use_post_norms:
         h = rms_norm(h, w["post_attn_norm"], eps, plus_one)
     x_BTD = x_BTD + h
     h = _mlp(rms_norm(x_BTD, w["ffw_norm"], eps, plus_one), w, lora_layer, scale)
+    if cfg.num_experts:
+        with jax.named_scope("moe"):
+            h = (rms_norm(h, w["post_mlp_norm"], eps, plus_one)
+                 + rms_norm(_moe(cfg, x_BTD, w), w["post_moe_norm"], eps, plus_one))
     if cfg.use_post_norms:
         h = rms_norm(h, w["post_ffw_norm"], eps, plus_one)
     x_BTD = x_BTD + h

@@ -50,6 +50,7 @@ RULES = {
     "heads": "tp",
     "kv_heads": "tp",
     "mlp": "tp",
+    "expert": "tp",  # Gemma 4 MoE: experts split over tp (expert parallel); their "mlp" axis then stays whole
     "head_dim": None,
     "layers": None,
     "norm": None,

@@ -31,7 +31,8 @@ _NOT_ARCHITECTURE = ("param_dtype", "scan_layers", "remat", "logits_chunk")
 # Gemma 4 fields: left out of the fingerprint at their defaults, so a Gemma 1-3 digest is what it was before.
 _GEMMA4_FIELDS = ("norm_plus_one", "per_layer_input_dim", "per_layer_vocab_size", "num_kv_shared_layers",
                   "global_head_dim", "num_global_kv_heads", "attention_k_eq_v", "use_value_norm",
-                  "global_rope_fraction", "double_wide_mlp", "use_layer_scalar")
+                  "global_rope_fraction", "double_wide_mlp", "use_layer_scalar", "num_experts", "top_k_experts",
+                  "moe_hidden_dim")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GemmaConfig)}
 
 

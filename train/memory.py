@@ -36,7 +36,10 @@ The counts below were read off XLA's buffer assignment for a float32 step on a C
 bf16 elementwise ops in float32, so a bf16 step on a CPU holds more than on a TPU or GPU.
 Gemma 4 (layers of different shapes): the weights are counted layer by layer; the activation and KV-cache terms
 use the local layers' shapes for every layer (an approximation: global layers have their own head dim, KV-shared
-layers no cache of their own).
+layers no cache of their own). A mixture of experts (computed densely over its E experts, gemma_jax/model.py
+`_moe`) adds per layer its [b,T,E,M] expert tensors (E split by tp, as its weights are) x (MLP_COPIES + 1: the
+combine-weighted product), three more [b,T,D] float32 norm inputs and the router's [b,T,E] float32 logits and
+probabilities; its expert weights are counted with the other weights.
 """
 
 import math
@@ -99,6 +102,10 @@ def activation_bytes(cfg: GemmaConfig, *, dtype, batch: int, seq_len: int, mesh_
         "scores [b,N,T,T]": b * N * T * T * (SCORE_COPIES * f32 + 1),
         "lora x@A [b,T,R]": len(lora_targets) * b * T * lora_rank * it,
     }
+    if cfg.num_experts:
+        E = _split(cfg.num_experts, tp)
+        per_layer["experts [b,T,E,M]"] = (MLP_COPIES + 1) * b * T * E * cfg.moe_hidden_dim * it
+        per_layer["moe norms, router"] = 3 * b * T * D * f32 + 2 * b * T * cfg.num_experts * f32
     one_layer = sum(per_layer.values())
     logits = LOGIT_COPIES * b * T * V * f32
     # The head's buffers die before the layers' backward starts, so the peak holds the larger of the two phases.
