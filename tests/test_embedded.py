@@ -149,10 +149,10 @@ def test_sft_traces_mix_long_and_short_one_to_four(generated):
 
     for domain, n in (("math", 2000), ("general", 1000)):
         rows = [r for r in records if r["domain"] == domain]
-        is_long = [is_long(r) for r in rows]
-        assert len(rows) == n and sum(is_long) == n // 5  # exactly 1 long : 4 short in each domain
+        flags = [is_long(r) for r in rows]
+        assert len(rows) == n and sum(flags) == n // 5  # exactly 1 long : 4 short in each domain
         # the token threshold separates the two forms exactly, so the CoT mix below sees the teacher's forms
-        assert all((count(r["reasoning"]) > threshold) == lg for r, lg in zip(rows, is_long)), domain
+        assert all((count(r["reasoning"]) > threshold) == lg for r, lg in zip(rows, flags)), domain
     mixed = mix_long_short(records, count_tokens=count, long_threshold=threshold, ratio=(1, 4), seed=0)
     n_long = sum(count(r["reasoning"]) > threshold for r in mixed)
     assert n_long * 4 == len(mixed) - n_long and len(mixed) > 2800
