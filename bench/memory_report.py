@@ -1,12 +1,14 @@
 """Memory of a full-size LoRA train step (GEMMA2_2B by default, or a Gemma 3 preset): XLA's own numbers next to
-train/memory.py's estimate, then what fits on a few accelerators.
+train/memory.py's estimate, without and with vocabulary-chunked log-probs, then what fits on a few accelerators.
 
 The step (rank 32 on q/kv/gate/up/down, bf16 base, float32 LoRA + AdamW, masked next-token CE, per-layer remat)
 is lowered and compiled for a fake 8-device CPU mesh from abstract inputs (jax.ShapeDtypeStruct with shardings),
-so nothing of the 2B model is allocated. `compiled.memory_analysis()` is per device.
+so nothing of the 2B model is allocated. `compiled.memory_analysis()` is per device. The activations are
+constrained at block boundaries as in training (gemma_jax.sharding.ShardingCtx); --no-constraints lowers the
+step without them (XLA's propagation alone), for comparison.
 
-    python bench/memory_report.py                  # fsdp=2,tp=4 and fsdp=1,tp=8, batch 2 x 2048 (~1-3 minutes)
-    python bench/memory_report.py --batch 8 --seq 1024 --mesh fsdp=8
+    python bench/memory_report.py                  # fsdp=2,tp=4 and fsdp=8, batch 2 x 2048, unchunked and chunked
+    python bench/memory_report.py --batch 8 --seq 1024 --mesh fsdp=8 --chunk 8192
     python bench/memory_report.py --config GEMMA3_1B --fits-only    # the estimate's table only (seconds)
 """
 
@@ -26,7 +28,15 @@ import jax.numpy as jnp  # noqa: E402
 from gemma_jax import config as presets  # noqa: E402
 from gemma_jax.model import abstract_params, lora_specs  # noqa: E402
 from gemma_jax.scoring import token_logprobs  # noqa: E402
-from gemma_jax.sharding import batch_sharding, lora_shardings, make_mesh, optimizer_shardings, param_shardings  # noqa: E402
+from gemma_jax.sharding import (  # noqa: E402
+    batch_sharding,
+    lora_shardings,
+    make_mesh,
+    optimizer_shardings,
+    param_shardings,
+    parse_mesh_spec,
+    sharding_ctx,
+)
 from lora.adapters import DEFAULT_TARGETS, LoRA  # noqa: E402
 from train import memory  # noqa: E402
 from train.optim import adamw_update, clip_by_global_norm  # noqa: E402
@@ -34,11 +44,12 @@ from train.optim import adamw_update, clip_by_global_norm  # noqa: E402
 GB = 1e9
 
 
-def make_train_step(cfg, lr=1e-5):
+def make_train_step(cfg, lr=1e-5, shard=None):
     """(lora, opt, params, tokens_BT, mask_BT) -> (lora, opt, loss): masked next-token CE, grads of the adapters
-    only, global-norm clip 1.0, AdamW. The loss is the project's token_logprobs (log-softmax over the vocab)."""
+    only, global-norm clip 1.0, AdamW. The loss is the project's token_logprobs (chunked with cfg.logits_chunk);
+    shard: the ShardingCtx its activations are constrained with (None: none)."""
     def loss_fn(lora, params, tokens_BT, mask_BT):
-        lp_BT = token_logprobs(params, tokens_BT, cfg, pad_mask_BT=mask_BT, lora=lora)
+        lp_BT = token_logprobs(params, tokens_BT, cfg, pad_mask_BT=mask_BT, lora=lora, shard=shard)
         m_BT = mask_BT[:, 1:].astype(jnp.float32)
         return -jnp.sum(lp_BT * m_BT) / jnp.maximum(jnp.sum(m_BT), 1.0)
 
@@ -70,21 +81,23 @@ def abstract_inputs(cfg, rank, batch, seq_len, mesh, lora_dtype=jnp.float32):
     return lora, opt, params, tokens, mask
 
 
-def compile_step(cfg, rank, batch, seq_len, mesh):
+def compile_step(cfg, rank, batch, seq_len, mesh, constrain=True):
     """Lower and compile the step for abstract inputs; returns (compiled, seconds)."""
     args = abstract_inputs(cfg, rank, batch, seq_len, mesh)
+    step = make_train_step(cfg, shard=sharding_ctx(mesh) if constrain else None)
     t0 = time.perf_counter()
-    compiled = jax.jit(make_train_step(cfg), donate_argnums=(0, 1)).lower(*args).compile()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
     return compiled, time.perf_counter() - t0
 
 
-def report_compiled(cfg, rank, batch, seq_len, mesh_spec, name="GEMMA2_2B"):
+def report_compiled(cfg, rank, batch, seq_len, mesh_spec, name="GEMMA2_2B", constrain=True):
     mesh = make_mesh(mesh_spec)
-    compiled, secs = compile_step(cfg, rank, batch, seq_len, mesh)
+    compiled, secs = compile_step(cfg, rank, batch, seq_len, mesh, constrain)
     ma = compiled.memory_analysis()
     est = memory.estimate_bytes(cfg, param_dtype=cfg.param_dtype, lora_rank=rank, batch=batch, seq_len=seq_len,
                                 mesh_shape=dict(mesh.shape), remat=cfg.remat)
-    print(f"\n== {name} LoRA r{rank} step, batch {batch} x {seq_len}, mesh {mesh_spec}, remat {cfg.remat} "
+    print(f"\n== {name} LoRA r{rank} step, batch {batch} x {seq_len}, mesh {mesh_spec}, remat {cfg.remat}, "
+          f"logits chunk {cfg.logits_chunk}, activation constraints {'on' if constrain else 'off'} "
           f"(compiled in {secs:.0f} s), per device ==")
     print(f"XLA arguments   {ma.argument_size_in_bytes / GB:8.2f} GB   estimate params+LoRA+opt "
           f"{(est['base_params'] + est['lora_params'] + est['optimizer']) / GB:8.2f} GB")
@@ -133,26 +146,44 @@ def what_fits(cfg, rank, name="GEMMA2_2B"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, help="rows; default 2, or one per device of data x fsdp when that is more "
+                    "(the rows are split over those axes, so they must divide the batch)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--mesh", action="append", help="mesh spec(s); default fsdp=2,tp=4 and fsdp=1,tp=8")
+    ap.add_argument("--mesh", action="append", help="mesh spec(s); default fsdp=2,tp=4 and fsdp=8")
+    ap.add_argument("--chunk", action="append", help="logits chunk(s) to compare, 'none' for the full logits; "
+                    "default none and 8192")
+    ap.add_argument("--no-constraints", action="store_true", help="lower without the activation constraints")
     ap.add_argument("--no-remat", action="store_true")
     ap.add_argument("--config", default="GEMMA2_2B", choices=sorted(
         n for n in dir(presets) if n.startswith("GEMMA") and isinstance(getattr(presets, n), presets.GemmaConfig)))
     ap.add_argument("--fits-only", action="store_true", help="skip the XLA compile; print the estimate tables")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(getattr(presets, args.config), param_dtype="bfloat16", remat=not args.no_remat)
-    for spec in [] if args.fits_only else args.mesh or ["fsdp=2,tp=4", "fsdp=1,tp=8"]:
-        report_compiled(cfg, args.rank, args.batch, args.seq, spec, args.config)
+    chunks = [None if c.lower() == "none" else int(c) for c in args.chunk or ["none", "8192"]]
+    rows = []
+    for spec in [] if args.fits_only else args.mesh or ["fsdp=2,tp=4", "fsdp=8"]:
+        sizes = parse_mesh_spec(spec, len(jax.devices()))
+        batch = args.batch or max(2, sizes["data"] * sizes["fsdp"])
+        for chunk in chunks:
+            c = dataclasses.replace(cfg, logits_chunk=chunk)
+            ma, est = report_compiled(c, args.rank, batch, args.seq, spec, args.config, not args.no_constraints)
+            rows.append((spec, batch, chunk, ma.temp_size_in_bytes, est["activations"] + est["grads"]))
+    if rows:
+        print(f"\n== {args.config} XLA temporaries vs estimate (activations + grads) per device, {args.seq} tokens per "
+              f"row, before and after the logits chunking, constraints {'off' if args.no_constraints else 'on'} ==")
+        print(f"{'mesh':14s} {'batch':>5s} {'logits chunk':>12s} {'XLA temps':>10s} {'estimate':>9s} "
+              f"{'XLA/estimate':>12s}")
+        for spec, batch, chunk, xla, e in rows:
+            print(f"{spec:14s} {batch:5d} {str(chunk):>12s} {xla / GB:7.2f} GB {e / GB:6.2f} GB {xla / e:12.2f}")
     est = {}
     for m, ms in (("1 device", {}), ("fsdp=2,tp=4", {"fsdp": 2, "tp": 4}), ("tp=8", {"tp": 8})):
-        one = {w: memory.estimate_bytes(cfg, param_dtype="bfloat16", lora_rank=args.rank, batch=args.batch,
+        one = {w: memory.estimate_bytes(cfg, param_dtype="bfloat16", lora_rank=args.rank, batch=args.batch or 2,
                                         seq_len=args.seq, mesh_shape=ms, remat=True, decode_weights=w)
                for w in ("per_layer", "stacked")}  # the sampler's two decode paths (gemma_jax/sampler.py)
         est[m] = {**one["per_layer"], "decode_w stacked": one["stacked"]["decode_weights"],
                   "sample_total stacked": one["stacked"]["sample_total"]}
-    print(f"\n== Estimate per device, batch {args.batch} x {args.seq} (decode weights per_layer; then stacked) ==")
+    print(f"\n== Estimate per device, batch {args.batch or 2} x {args.seq} (decode weights per_layer; then stacked) ==")
     print(memory.format_table(est))
     what_fits(cfg, args.rank, args.config)
     return 0

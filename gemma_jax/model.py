@@ -373,6 +373,17 @@ def softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
+# Logical axes of the activations constrained at block boundaries (mapped by gemma_jax/sharding.py RULES).
+ACT_BTD = ("act_batch", "act_seq", "act_embed")
+ACT_BTF = ("act_batch", "act_seq", "act_mlp")
+ACT_BTV = ("act_batch", "act_seq", "act_vocab")
+
+
+def constrain(x, shard, axes):
+    """x laid out as its logical `axes` say on shard's mesh (a gemma_jax.sharding.ShardingCtx); shard None: x."""
+    return x if shard is None else shard.constrain(x, axes)
+
+
 def lora_delta(name, x, lora_layer, scale):
     """(x A B) * scale for the adapter `name` of one layer (LORA_TARGETS), or None when that projection has none.
 
@@ -490,10 +501,10 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, mask_BT
     return out_BTD, k_BTKH, v_BTKH
 
 
-def _mlp(x_BTD, w, lora_layer, scale):
+def _mlp(x_BTD, w, lora_layer, scale, shard=None):
     gate_BTF = _project("gate", "BTD,DF->BTF", x_BTD, w["gate"], lora_layer, scale)
     up_BTF = _project("up", "BTD,DF->BTF", x_BTD, w["up"], lora_layer, scale)
-    h_BTF = jax.nn.gelu(gate_BTF, approximate=True) * up_BTF
+    h_BTF = constrain(jax.nn.gelu(gate_BTF, approximate=True) * up_BTF, shard, ACT_BTF)
     return _project("down", "BTF,FD->BTD", h_BTF, w["down"], lora_layer, scale)
 
 
@@ -528,19 +539,20 @@ def _moe(cfg, x_BTD, w):
         return jnp.einsum("BTEM,EMD->BTD", h_BTEM, w["experts_down"])
 
 
-def _block(cfg, x_BTD, w, lora_layer, scale, attend, ple_BTP=None):
+def _block(cfg, x_BTD, w, lora_layer, scale, attend, ple_BTP=None, shard=None):
     """One transformer block: pre-norm attention and MLP, with Gemma 2's post-norms when configured.
     `attend(h_BTD) -> (out_BTD, extra)` is the attention of this layer (full or cached, see callers); returns
     (x, extra). Gemma 4 (HF Gemma4TextDecoderLayer): with experts (cfg.num_experts) the MLP output is
     post_mlp_norm(dense MLP) + post_moe_norm(experts), both read from the same residual x; then the per-layer input
     ple_BTP enters through norm(proj(gelu(gate(x)) * ple)) added to x, and the whole residual stream is multiplied
-    by the layer scalar."""
+    by the layer scalar.
+    shard: a ShardingCtx; the residual after attention, the MLP hidden and the block's output are constrained."""
     eps, plus_one = cfg.norm_eps, cfg.norm_plus_one
     h, extra = attend(rms_norm(x_BTD, w["attn_norm"], eps, plus_one))
     if cfg.use_post_norms:
         h = rms_norm(h, w["post_attn_norm"], eps, plus_one)
-    x_BTD = x_BTD + h
-    h = _mlp(rms_norm(x_BTD, w["ffw_norm"], eps, plus_one), w, lora_layer, scale)
+    x_BTD = constrain(x_BTD + h, shard, ACT_BTD)
+    h = _mlp(rms_norm(x_BTD, w["ffw_norm"], eps, plus_one), w, lora_layer, scale, shard)
     if cfg.num_experts:
         with jax.named_scope("moe"):
             h = (rms_norm(h, w["post_mlp_norm"], eps, plus_one)
@@ -555,7 +567,7 @@ def _block(cfg, x_BTD, w, lora_layer, scale, attend, ple_BTP=None):
             x_BTD = x_BTD + h
     if "layer_scalar" in w:
         x_BTD = x_BTD * w["layer_scalar"].astype(x_BTD.dtype)
-    return x_BTD, extra
+    return constrain(x_BTD, shard, ACT_BTD), extra
 
 
 def embed(params, tokens_BT, cfg):
@@ -576,7 +588,8 @@ def per_layer_inputs(params, tokens_BT, x_BTD, cfg):
     return (proj_BTLP + tok_BTLP) * jnp.asarray(2.0 ** -0.5, x_BTD.dtype)
 
 
-def _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache=None, lora=None):
+def _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache=None, lora=None,
+                   shard=None):
     """Gemma 4's layers, unrolled in Python; returns (x, per layer its new (k, v), None for KV-shared layers).
 
     Why not the layer scan: the layers differ in shape (global head dim and kv heads, KV-shared layers without
@@ -601,7 +614,7 @@ def _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l
 
         with jax.named_scope(f"layer_{i}"):
             x_BTD, kv[i] = _block(cfg, x_BTD, w, lora_layer, scale, attend,
-                                  None if ple_BTLP is None else ple_BTLP[:, :, i])
+                                  None if ple_BTLP is None else ple_BTLP[:, :, i], shard)
     return x_BTD, tuple(kv[i] if kind.has_kv else None for i, kind in enumerate(layer_kinds(cfg)))
 
 
@@ -612,7 +625,7 @@ def unembed(params, h_BTD, cfg):
 
 
 def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pad_mask_BT=None,
-                   segment_ids_BT=None, cache=None, lora=None):
+                   segment_ids_BT=None, cache=None, lora=None, shard=None):
     """The transformer up to the final norm: returns (hidden [B,T,D], new cache or None).
 
     positions_BT: per-token positions; default: count of real tokens before each one (so left padding works).
@@ -621,6 +634,8 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
     cache: from `init_cache`; the T tokens are written at slots [index, index + T) and attend to every valid
         earlier slot. Returns the updated cache (a new pytree; nothing is mutated).
     lora: adapters with `.scale` and `.layers` {name: {"a": [L,..], "b": [L,..]}} (see lora/), or None.
+    shard: a gemma_jax.sharding.ShardingCtx (static under jit): the embedding output, each block's residual and
+        MLP hidden, and the final hidden are constrained to its "act_*" rules. None: no constraints.
     """
     B, T = tokens_BT.shape
     if pad_mask_BT is None:
@@ -652,10 +667,11 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
     scale = 0.0 if lora is None else lora.scale
     lora_layers = None if lora is None else lora.layers
     is_local_L = jnp.asarray(cfg.is_local_layer)
-    x_BTD = embed(params, tokens_BT, cfg)
+    x_BTD = constrain(embed(params, tokens_BT, cfg), shard, ACT_BTD)
     if cfg.layer_list:
-        x_BTD, kv_new = _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache, lora)
-        h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
+        x_BTD, kv_new = _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache, lora,
+                                       shard)
+        h_BTD = constrain(rms_norm(x_BTD, params["final_norm"], cfg.norm_eps, cfg.norm_plus_one), shard, ACT_BTD)
         if cache is None:
             return h_BTD, None
         put = lambda c, new: None if c is None else jax.lax.dynamic_update_slice(c, new, (0, index, 0, 0))  # noqa
@@ -672,7 +688,7 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
                                            *masks[1:])
             return out, (k_new, v_new)
 
-        x, (k_new, v_new) = _block(cfg, x, w, lora_layer, scale, attend)
+        x, (k_new, v_new) = _block(cfg, x, w, lora_layer, scale, attend, shard=shard)
         return x, (None, None) if cache is None else (k_new, v_new)
 
     if cfg.remat:
@@ -694,7 +710,7 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
             x_BTD, y = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], xs))
             ys.append(y)
         k_new_L, v_new_L = jax.tree.map(lambda *a: jnp.stack(a), *ys) if cache is not None else (None, None)
-    h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
+    h_BTD = constrain(rms_norm(x_BTD, params["final_norm"], cfg.norm_eps), shard, ACT_BTD)
     new_cache = None
     if cache is not None:
         # One in-place write of every layer's new keys/values at slots [index, index + T).
@@ -705,8 +721,8 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
 
 
 def forward(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pad_mask_BT=None, segment_ids_BT=None,
-            cache=None, lora=None):
+            cache=None, lora=None, shard=None):
     """Logits [B,T,V] (float32) and the updated cache. Arguments as in `forward_hidden`."""
     h_BTD, new_cache = forward_hidden(params, tokens_BT, cfg, positions_BT=positions_BT, pad_mask_BT=pad_mask_BT,
-                                      segment_ids_BT=segment_ids_BT, cache=cache, lora=lora)
-    return unembed(params, h_BTD, cfg), new_cache
+                                      segment_ids_BT=segment_ids_BT, cache=cache, lora=lora, shard=shard)
+    return constrain(unembed(params, h_BTD, cfg), shard, ACT_BTV), new_cache

@@ -15,7 +15,12 @@ once per array (a later dimension that maps to an already used mesh axis is repl
 always legal; it may just shard less than asked.
 
 Mesh axes are `AxisType.Auto`: XLA's sharding propagation places the activations from the input and weight
-shardings, so gemma_jax/model.py carries no sharding code at all.
+shardings. Left alone, it often keeps the batch whole on fsdp and splits the activations' width like the weights
+instead (each device then holds every row); so the model also constrains its activations at block boundaries
+(the embedding output, each block's residual, the MLP hidden, the final hidden and the logits or logit chunks)
+to the "act_*" rows of the same table: batch over data x fsdp, MLP hidden and vocabulary over tp. The mesh reaches
+the model explicitly, as a `ShardingCtx` argument (`shard=`, static under jit) of gemma_jax.model.forward_hidden
+and gemma_jax.scoring; shard=None (the default, one device) constrains nothing.
 
 Multi-host (TPU pods, several GPU hosts, or several processes on one machine): every process runs the same
 program. Call `initialize_distributed(...)` first, before any other JAX call (on Cloud TPU pods and SLURM the
@@ -30,6 +35,7 @@ a mesh such as "data=4,tp=4" or "fsdp=4,tp=4"; multi-slice (DCN-connected) pods 
 `jax.experimental.mesh_utils.create_hybrid_device_mesh` instead and are not covered here.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -58,6 +64,15 @@ RULES = {
     "pair": None,  # the (k, v) axis of the fused kv adapter
     "seq": None,
     "cache_seq": None,
+    # Activations (ShardingCtx.constrain): rows split like the batch, the model width whole on every device, the
+    # MLP hidden, heads and vocabulary (logits, logit chunks) split like the weights that produce them.
+    "act_batch": ("data", "fsdp"),
+    "act_seq": None,
+    "act_embed": None,
+    "act_mlp": "tp",
+    "act_heads": "tp",
+    "act_kv_heads": "tp",
+    "act_vocab": "tp",
 }
 
 CACHE_AXES = {
@@ -150,6 +165,28 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules=None) -> PartitionSpec:
 
 def named_sharding(axes, shape, mesh: Mesh, rules=None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingCtx:
+    """The mesh and rules that activations are constrained with: the `shard=` argument of
+    gemma_jax.model.forward_hidden / forward and gemma_jax.scoring. Frozen and hashable (rules as a tuple of
+    (name, mesh axes) pairs), so it is a static jit argument like the config."""
+    mesh: Mesh
+    rules: tuple = tuple(RULES.items())
+
+    def constrain(self, x, axes):
+        """x under jax.lax.with_sharding_constraint to the layout of its logical `axes` (logical_to_spec, with the
+        divisibility fallback: e.g. a batch of 2 on fsdp=8 stays whole)."""
+        spec = logical_to_spec(tuple(axes), x.shape, self.mesh, dict(self.rules))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+def sharding_ctx(mesh: Mesh | None, rules=None) -> ShardingCtx | None:
+    """The ShardingCtx of `mesh` (rules default RULES), or None without a mesh (no constraints)."""
+    if mesh is None:
+        return None
+    return ShardingCtx(mesh, tuple((RULES if rules is None else rules).items()))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

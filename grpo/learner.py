@@ -25,7 +25,7 @@ import numpy as np
 
 from gemma_jax.sampler import DECODE_WEIGHTS
 from gemma_jax.scoring import completion_logprobs
-from gemma_jax.sharding import place_train_state
+from gemma_jax.sharding import place_train_state, sharding_ctx
 from grpo.advantages import ESTIMATORS
 from grpo.evaluate import evaluate
 from grpo.loss import IS_LEVELS, KL_KINDS, LOSS_AGG_MODES, LOSS_TYPES, SAMPLER_IS_MODES, grpo_loss, sampler_is_weights
@@ -139,9 +139,10 @@ def reduce_micro_metrics(per_micro: dict) -> dict:
     return out
 
 
-def _micro_loss(lora, mb, params, norms, cfg, hp: GRPOHParams):
+def _micro_loss(lora, mb, params, norms, cfg, hp: GRPOHParams, shard=None):
     logp, ent = completion_logprobs(params, cfg, mb["prompt"], mb["prompt_mask"], mb["completion"],
-                                    mb["completion_mask"], lora=lora, temperature=hp.temperature, return_entropy=True)
+                                    mb["completion_mask"], lora=lora, temperature=hp.temperature, return_entropy=True,
+                                    shard=shard)
     # TRL's loss types average over every row of the batch; the Tunix aggregations over the non-empty rows
     rows = norms["rows"] if hp.loss_type is None else norms["all_rows"]
     loss, m = grpo_loss(logp, mb["advantages"], mb["completion_mask"], old_logp_BC=mb.get("old_logp"),
@@ -165,17 +166,18 @@ def _micro_loss(lora, mb, params, norms, cfg, hp: GRPOHParams):
     return loss, {**m, "loss": loss}
 
 
-def _train_step(lora, opt_state, params, batch, norms, *, cfg, hp: GRPOHParams):
-    loss_fn = lambda lo, mb: _micro_loss(lo, mb, params, norms, cfg, hp)  # noqa: E731
+def _train_step(lora, opt_state, params, batch, norms, *, cfg, hp: GRPOHParams, shard=None):
+    loss_fn = lambda lo, mb: _micro_loss(lo, mb, params, norms, cfg, hp, shard)  # noqa: E731
     grads, per_micro = accumulate_grads(loss_fn, lora, batch)
     metrics = reduce_micro_metrics(per_micro)
     lora, opt_state, m = apply_update(grads, opt_state, lora, hp, loss=metrics["loss"])
     return lora, opt_state, {**metrics, **m}
 
 
-# train_step(lora, opt_state, params, batch [M, B/M, ...], norms {"rows", "all_rows", "tokens"}, *, cfg, hp)
-#   -> (lora, opt_state, metrics). The adapters and optimizer state are donated (no second copy).
-train_step = jax.jit(_train_step, static_argnames=("cfg", "hp"), donate_argnums=(0, 1))
+# train_step(lora, opt_state, params, batch [M, B/M, ...], norms {"rows", "all_rows", "tokens"}, *, cfg, hp,
+#   shard=None) -> (lora, opt_state, metrics). The adapters and optimizer state are donated (no second copy);
+#   shard: the mesh's gemma_jax.sharding.ShardingCtx (activation constraints), None on one device.
+train_step = jax.jit(_train_step, static_argnames=("cfg", "hp", "shard"), donate_argnums=(0, 1))
 
 
 def to_micro_batches(ro: dict, micro_batch: int) -> tuple[dict, dict]:
@@ -238,13 +240,13 @@ def _print_samples(print_fn, records, texts, rewards, G, n=2):
         print_fn(f"    reward {float(rewards[i * G]):.3f}; completion: {texts[i * G][:400]!r}")
 
 
-def updates(lora, opt, params, ro: dict, hp: GRPOHParams, cfg):
+def updates(lora, opt, params, ro: dict, hp: GRPOHParams, cfg, shard=None):
     """hp.num_iterations optimizer updates on one rollout. Returns (lora, opt, metrics as floats incl. train_s and
     train_tokens_per_s; nonfinite_skipped counts the skipped updates of all iterations)."""
     batch, norms = to_micro_batches(ro, hp.micro_batch)
     t0, skipped = time.perf_counter(), 0.0
     for _ in range(hp.num_iterations):
-        lora, opt, m = train_step(lora, opt, params, batch, norms, cfg=cfg, hp=hp)
+        lora, opt, m = train_step(lora, opt, params, batch, norms, cfg=cfg, hp=hp, shard=shard)
         skipped = skipped + m["nonfinite_skipped"]
     m = {k: float(v) for k, v in m.items()}  # blocks: the timing below is the real training time
     m["nonfinite_skipped"] = float(skipped)
@@ -290,7 +292,7 @@ def train(cfg, params, lora, records, tokenizer, hp: GRPOHParams, out_dir: str, 
                                                         reward_fn=reward_fn, reward_cfg=reward_cfg,
                                                         prob_state=prob_state, seed=seed * 1_000_003 + step,
                                                         extra_records=extra)
-            lora, opt, m = updates(lora, opt, params, ro, hp, cfg)
+            lora, opt, m = updates(lora, opt, params, ro, hp, cfg, sharding_ctx(mesh))
             step += 1
             last = {**metrics, **m}
             log.log(step, last)

@@ -17,23 +17,25 @@ from gemma_jax.model import forward_hidden
 from gemma_jax.scoring import target_logprobs
 
 
-def token_nll(lora, params, batch, cfg):
-    """-log p(tokens[:, t+1] | tokens[:, :t+1]): [B, T-1] float32, and the target mask [B, T-1]."""
+def token_nll(lora, params, batch, cfg, shard=None):
+    """-log p(tokens[:, t+1] | tokens[:, :t+1]): [B, T-1] float32, and the target mask [B, T-1]. shard: the
+    gemma_jax.sharding.ShardingCtx the activations are constrained with, or None."""
     h_BTD, _ = forward_hidden(params, batch["tokens"], cfg, positions_BT=batch.get("positions"),
-                              pad_mask_BT=batch.get("pad_mask"), segment_ids_BT=batch.get("segment_ids"), lora=lora)
-    nll_BT = -target_logprobs(params, h_BTD[:, :-1], batch["tokens"][:, 1:], cfg)
+                              pad_mask_BT=batch.get("pad_mask"), segment_ids_BT=batch.get("segment_ids"), lora=lora,
+                              shard=shard)
+    nll_BT = -target_logprobs(params, h_BTD[:, :-1], batch["tokens"][:, 1:], cfg, shard=shard)
     mask_BT = batch["loss_mask"][:, 1:]
     # where(), not multiply: a masked position's NLL (even inf/nan from a padded row) contributes exactly zero.
     return jnp.where(mask_BT, nll_BT, 0.0), mask_BT
 
 
-def nll_sum(lora, params, batch, cfg):
+def nll_sum(lora, params, batch, cfg, shard=None):
     """(sum of target-token NLL, number of target tokens) for one batch dict (see sft/batches.py)."""
-    nll, mask = token_nll(lora, params, batch, cfg)
+    nll, mask = token_nll(lora, params, batch, cfg, shard)
     return jnp.sum(nll), jnp.sum(mask).astype(jnp.float32)
 
 
-def sft_loss(lora, params, batch, cfg):
+def sft_loss(lora, params, batch, cfg, shard=None):
     """Per-token mean NLL over the batch's target tokens (Tunix PeftTrainer default). Returns (loss, n_tokens)."""
-    total, n = nll_sum(lora, params, batch, cfg)
+    total, n = nll_sum(lora, params, batch, cfg, shard)
     return total / jnp.maximum(n, 1.0), n

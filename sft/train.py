@@ -18,7 +18,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from gemma_jax.sharding import batch_sharding, place_train_state
+from gemma_jax.sharding import batch_sharding, place_train_state, sharding_ctx
 from sft.loss import nll_sum
 from train.metrics import MetricsLogger
 from train.optim import accumulate_grads, adamw_init, apply_update, check_nonfinite
@@ -55,45 +55,46 @@ class HParams:
 STAGE_DEFAULTS = {1: {}, 2: {"lr": 1e-5, "max_len": 1280}}
 
 
-def accumulated_grads(lora, base_params, batch, cfg):
+def accumulated_grads(lora, base_params, batch, cfg, shard=None):
     """(loss, summed LoRA grads, target tokens) of the k micro-batches of `batch` ([k, B, T] arrays). Each
-    micro-batch's NLL sum is divided by the target tokens of all k, so k micro-batches equal one big batch."""
+    micro-batch's NLL sum is divided by the target tokens of all k, so k micro-batches equal one big batch.
+    shard: the ShardingCtx of the mesh (activation constraints), or None on one device."""
     n_total = jnp.maximum(jnp.sum(batch["loss_mask"][:, :, 1:]).astype(jnp.float32), 1.0)
 
     def micro_loss(lo, mb):
-        loss = nll_sum(lo, base_params, mb, cfg)[0] / n_total
+        loss = nll_sum(lo, base_params, mb, cfg, shard)[0] / n_total
         return loss, {"loss": loss}
 
     grads, per_micro = accumulate_grads(micro_loss, lora, batch)
     return jnp.sum(per_micro["loss"]), grads, n_total
 
 
-def _train_step(lora, opt_state, base_params, batch, *, cfg, hp: HParams):
-    loss, grads, n_total = accumulated_grads(lora, base_params, batch, cfg)
+def _train_step(lora, opt_state, base_params, batch, *, cfg, hp: HParams, shard=None):
+    loss, grads, n_total = accumulated_grads(lora, base_params, batch, cfg, shard)
     lora, opt_state, m = apply_update(grads, opt_state, lora, hp, loss=loss)
     return lora, opt_state, {"loss": loss, **m, "target_tokens": n_total,
                              "tokens": jnp.sum(batch["pad_mask"]).astype(jnp.float32)}
 
 
-# train_step(lora, opt_state, base_params, batch [k,B,T], *, cfg, hp) -> (lora, opt_state, metrics).
+# train_step(lora, opt_state, base_params, batch [k,B,T], *, cfg, hp, shard=None) -> (lora, opt_state, metrics).
 # The lr schedule is indexed by opt_state["count"] (updates done so far; lr(0) = 0 with warmup, optax's convention).
-train_step = jax.jit(_train_step, static_argnames=("cfg", "hp"))
+train_step = jax.jit(_train_step, static_argnames=("cfg", "hp", "shard"))
 # Same, donating the old adapters and optimizer state (the loop's version: no second copy of either).
-train_step_donated = jax.jit(_train_step, static_argnames=("cfg", "hp"), donate_argnums=(0, 1))
+train_step_donated = jax.jit(_train_step, static_argnames=("cfg", "hp", "shard"), donate_argnums=(0, 1))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def eval_sums(lora, base_params, batch, *, cfg):
+@functools.partial(jax.jit, static_argnames=("cfg", "shard"))
+def eval_sums(lora, base_params, batch, *, cfg, shard=None):
     """(NLL sum, target tokens) of one [B, T] batch: accumulate over batches, then divide once."""
-    return nll_sum(lora, base_params, batch, cfg)
+    return nll_sum(lora, base_params, batch, cfg, shard)
 
 
-def eval_loss(lora, base_params, data, cfg, num_batches: int | None = None) -> float:
+def eval_loss(lora, base_params, data, cfg, num_batches: int | None = None, shard=None) -> float:
     """Per-token mean NLL over the first `num_batches` batches of a held-out SFTData (default: one epoch)."""
     n = data.batches_per_epoch if num_batches is None else min(num_batches, data.batches_per_epoch)
     total, count = 0.0, 0.0
     for i in range(n):
-        s, c = eval_sums(lora, base_params, data.batch(i), cfg=cfg)
+        s, c = eval_sums(lora, base_params, data.batch(i), cfg=cfg, shard=shard)
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
 
@@ -131,7 +132,7 @@ def train_loop(cfg, base_params, lora, data, hp: HParams, out_dir: str, *, eval_
             print_fn(f"resumed from {ckpt.directory} at step {state['step']} (data position {state['data_pos']})")
     lora, opt_state, step, position = state["lora"], state["opt"], state["step"], state["data_pos"]
     rng = state["rng"]  # SFT samples nothing; the key is carried so a resumed run hands later stages the same one
-    micro_sh = _micro_sharding(mesh)
+    micro_sh, shard = _micro_sharding(mesh), sharding_ctx(mesh)
 
     def save(step):
         state = {"lora": lora, "opt": opt_state, "step": step, "data_pos": position, "rng": rng}
@@ -143,13 +144,15 @@ def train_loop(cfg, base_params, lora, data, hp: HParams, out_dir: str, *, eval_
         end = hp.total_updates if stop_at_step is None else min(stop_at_step, hp.total_updates)
         while step < end:
             batch = _place(data.micro_batches(position, hp.grad_accum), micro_sh)
-            lora, opt_state, metrics = train_step_donated(lora, opt_state, base_params, batch, cfg=cfg, hp=hp)
+            lora, opt_state, metrics = train_step_donated(lora, opt_state, base_params, batch, cfg=cfg, hp=hp,
+                                                          shard=shard)
             step, position = step + 1, position + hp.grad_accum
             last = {k: float(v) for k, v in metrics.items()}  # blocks: the console line needs the values
             log.log(step, last)
             streak = check_nonfinite(last, step, streak, hp.max_nonfinite, print_fn)
             if eval_data is not None and eval_every and (step % eval_every == 0 or step == hp.total_updates):
-                log.log(step, {"loss": eval_loss(lora, base_params, eval_data, cfg, eval_batches)}, kind="eval")
+                log.log(step, {"loss": eval_loss(lora, base_params, eval_data, cfg, eval_batches, shard)},
+                        kind="eval")
             if save_every and (step % save_every == 0 or step == end):
                 save(step)
     return lora, opt_state, last

@@ -1,6 +1,11 @@
 """Sharding tests on the fake 8-device CPU mesh (tests/conftest.py): a sharded forward, LoRA gradient and AdamW
-step, a prefill and generation equal the single-device results; params, adapters, optimizer state and caches
-carry the declared shardings; mesh spec parsing and the divisibility fallback."""
+step (with the activation constraints of a ShardingCtx), chunked log-probs, a prefill and generation equal the
+single-device results; the constraints are in the lowered program, one per block boundary; params, adapters,
+optimizer state and caches carry the declared shardings; mesh spec parsing and the divisibility fallback."""
+
+import dataclasses
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 from gemma_jax import sharding as sh
 from gemma_jax.config import GEMMA2_2B, TINY
-from gemma_jax.model import ParamSpec, forward, init_cache, param_specs
+from gemma_jax.model import ParamSpec, abstract_params, forward, init_cache, param_specs
+from gemma_jax.scoring import token_logprobs
 from lora import DEFAULT_TARGETS, LoRA, init_lora, lora_shapes
 from train.optim import adamw_init, adamw_update
 
@@ -38,17 +44,18 @@ def _random_lora(cfg, rank=4, alpha=8.0, seed=0):
     return LoRA(layers=layers, scale=alpha / rank)
 
 
-def loss_fn(lora, params, tokens_BT):
+def loss_fn(lora, params, tokens_BT, shard=None):
     """Mean log-softmax of the logits at the next-token targets (negated), differentiated w.r.t. LoRA only.
-    Returns the logits too (as aux), so one compiled forward serves both comparisons."""
-    logits_BTV, _ = forward(params, tokens_BT, CFG, lora=lora)
+    Returns the logits too (as aux), so one compiled forward serves both comparisons. shard: the ShardingCtx
+    whose activation constraints the sharded run goes through (None: the single-device reference)."""
+    logits_BTV, _ = forward(params, tokens_BT, CFG, lora=lora, shard=shard)
     logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1], axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)), logits_BTV
 
 
-def step(lora, opt, params, tokens_BT):
+def step(lora, opt, params, tokens_BT, shard=None):
     """Logits, loss, LoRA gradient and one AdamW update: everything the sharded run is compared on."""
-    (loss, logits_BTV), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora, params, tokens_BT)
+    (loss, logits_BTV), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora, params, tokens_BT, shard)
     # lr 1e-3: Adam's first step is ~ lr * sign(g), so float noise in a near-zero gradient entry moves the new
     # adapters by up to ~lr * 1e-3 (1e-5 at lr 1e-2, measured); the gradients themselves are compared directly.
     new_lora, new_opt = adamw_update(grads, opt, lora, 1e-3, weight_decay=0.1)
@@ -72,7 +79,8 @@ def sharded(request, setup):
     o_sh, b_sh, rep = sh.optimizer_shardings(l_sh, mesh), sh.batch_sharding(mesh), sh.replicated(mesh)
     params_s, lora_s, tokens_s = sh.shard(params, p_sh), sh.shard(lora, l_sh), sh.global_batch(tokens, mesh)
     opt_s = jax.jit(adamw_init, out_shardings=o_sh)(lora_s)
-    fn = sh.jit_sharded(step, in_shardings=(l_sh, o_sh, p_sh, b_sh), out_shardings=(b_sh, rep, l_sh, l_sh, o_sh))
+    fn = sh.jit_sharded(functools.partial(step, shard=sh.sharding_ctx(mesh)), in_shardings=(l_sh, o_sh, p_sh, b_sh),
+                        out_shardings=(b_sh, rep, l_sh, l_sh, o_sh))
     out = fn(lora_s, opt_s, params_s, tokens_s)
     declared = dict(params=p_sh, lora=l_sh, opt=o_sh)
     return request.param, mesh, declared, dict(params=params_s, lora=lora_s, opt=opt_s), out
@@ -195,3 +203,55 @@ def test_mesh_spec_parsing_and_errors():
             sh.make_mesh(spec)
     with pytest.raises(ValueError, match="logical axis 'bogus' has no sharding rule"):
         sh.logical_to_spec(("bogus",), (8,), sh.make_mesh("fsdp=8"))
+
+
+def _constraints(fn, *args):
+    """How many sharding constraints the lowered program of fn(*args) holds (Shardy or GSPMD spelling)."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return len(re.findall(r"sdy\.sharding_constraint|@Sharding\b", text))
+
+
+def test_activation_constraints_are_in_the_lowered_program():
+    """One constraint per block boundary, so they cannot silently disappear: the embedding output, per layer the
+    residual after attention, the MLP hidden and the block output, then the final hidden and the logits; none
+    without a ShardingCtx. Unrolled layers count each layer; the scan lowers its body once."""
+    mesh = sh.make_mesh("fsdp=4,tp=2")
+    ctx = sh.sharding_ctx(mesh)
+    tokens = jax.ShapeDtypeStruct((8, 16), jnp.int32)
+    for scan, per_program_layers in ((False, CFG.num_layers), (True, 1)):
+        cfg = dataclasses.replace(CFG, scan_layers=scan)
+        params = abstract_params(cfg)
+        assert _constraints(lambda p, t, c=cfg: forward(p, t, c, shard=ctx)[0], params, tokens) == \
+            1 + 3 * per_program_layers + 2
+        assert _constraints(lambda p, t, c=cfg: forward(p, t, c)[0], params, tokens) == 0
+    # The chunked scorer adds its own: the hidden [B,T,D] and [N,D], the embedding chunks and each chunk's logits.
+    cfg = dataclasses.replace(CFG, logits_chunk=128)
+    n_model = 1 + 3 + 1  # scanned: embedding, one layer body, final hidden (no full logits)
+    assert _constraints(lambda p, t: token_logprobs(p, t, cfg, shard=ctx), abstract_params(cfg), tokens) == \
+        n_model + 4
+    # The layout asked for: rows over fsdp, the model width whole, the MLP hidden over tp.
+    text = jax.jit(lambda p, t: forward(p, t, CFG, shard=ctx)[0]).lower(abstract_params(CFG), tokens).as_text()
+    assert '[{"fsdp"}, {}, {}]> : tensor<8x16x64xf32>' in text
+    assert f'[{{"fsdp"}}, {{}}, {{"tp"}}]> : tensor<8x16x{CFG.hidden_dim}xf32>' in text
+
+
+@pytest.mark.parametrize("spec", ["fsdp=4,tp=2", "data=2,tp=4"])
+def test_sharded_chunked_logprobs_and_grad_equal_single_device(setup, spec):
+    """The chunked scorer under a ShardingCtx (chunks split over tp, rows over data x fsdp) gives the
+    single-device, unchunked log-probs and LoRA gradient."""
+    params, lora, tokens, _ = setup
+    mesh = sh.make_mesh(spec)
+    chunked = dataclasses.replace(CFG, logits_chunk=96)  # 512 = 5 x 96 + 32: a padded last chunk
+
+    def loss(lora, params, tokens, cfg, shard=None):
+        lp = token_logprobs(params, tokens, cfg, lora=lora, shard=shard)
+        return -jnp.mean(lp), lp
+
+    ref = jax.jit(jax.value_and_grad(functools.partial(loss, cfg=CFG), has_aux=True))(lora, params, tokens)
+    p_sh, l_sh = sh.param_shardings(CFG, mesh), sh.lora_shardings(lora, mesh)
+    fn = jax.jit(jax.value_and_grad(functools.partial(loss, cfg=chunked, shard=sh.sharding_ctx(mesh)), has_aux=True))
+    out = fn(sh.shard(lora, l_sh), sh.shard(params, p_sh), sh.global_batch(tokens, mesh))
+    assert _max_diff(out[0][1], ref[0][1]) <= 1e-5
+    assert abs(float(out[0][0]) - float(ref[0][0])) <= 1e-5
+    assert _max_diff(out[1], ref[1]) <= 1e-5
+    assert float(np.abs(np.asarray(ref[1].layers["q"]["a"])).max()) > 1e-4
