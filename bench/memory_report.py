@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from cli.common import CHUNKED_VOCAB, LOGITS_CHUNK  # noqa: E402
 from gemma_jax import config as presets  # noqa: E402
 from gemma_jax.model import abstract_params, lora_specs  # noqa: E402
 from gemma_jax.scoring import token_logprobs  # noqa: E402
@@ -94,8 +95,9 @@ def report_compiled(cfg, rank, batch, seq_len, mesh_spec, name="GEMMA2_2B", cons
     mesh = make_mesh(mesh_spec)
     compiled, secs = compile_step(cfg, rank, batch, seq_len, mesh, constrain)
     ma = compiled.memory_analysis()
-    est = memory.estimate_bytes(cfg, param_dtype=cfg.param_dtype, lora_rank=rank, batch=batch, seq_len=seq_len,
-                                mesh_shape=dict(mesh.shape), remat=cfg.remat)
+    kw = dict(param_dtype=cfg.param_dtype, lora_rank=rank, batch=batch, seq_len=seq_len,
+              mesh_shape=dict(mesh.shape), remat=cfg.remat)
+    est, est_cpu = memory.estimate_bytes(cfg, **kw), memory.estimate_bytes(cfg, **kw, cpu_f32_copies=True)
     print(f"\n== {name} LoRA r{rank} step, batch {batch} x {seq_len}, mesh {mesh_spec}, remat {cfg.remat}, "
           f"logits chunk {cfg.logits_chunk}, activation constraints {'on' if constrain else 'off'} "
           f"(compiled in {secs:.0f} s), per device ==")
@@ -103,19 +105,24 @@ def report_compiled(cfg, rank, batch, seq_len, mesh_spec, name="GEMMA2_2B", cons
           f"{(est['base_params'] + est['lora_params'] + est['optimizer']) / GB:8.2f} GB")
     print(f"XLA outputs     {ma.output_size_in_bytes / GB:8.2f} GB   (aliased with donated inputs: "
           f"{ma.alias_size_in_bytes / GB:.2f} GB)")
+    cpu = est_cpu["activations"] + est_cpu["grads"]
     print(f"XLA temps       {ma.temp_size_in_bytes / GB:8.2f} GB   estimate activations+grads "
-          f"{(est['activations'] + est['grads']) / GB:8.2f} GB  (ratio XLA/estimate "
-          f"{ma.temp_size_in_bytes / (est['activations'] + est['grads']):.2f})")
+          f"{(est['activations'] + est['grads']) / GB:8.2f} GB, with the CPU's f32 copies {cpu / GB:.2f} GB "
+          f"(ratio XLA/estimate {ma.temp_size_in_bytes / cpu:.2f})")
     xla_peak = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
     print(f"XLA total       {xla_peak / GB:8.2f} GB   estimate train_total {est['train_total'] / GB:8.2f} GB")
-    return ma, est
+    return ma, est, est_cpu
 
 
 def what_fits(cfg, rank, name="GEMMA2_2B"):
-    """Largest SFT batch x length and GRPO group that fit in each device's memory, by the estimate (90% usable)."""
+    """Largest SFT batch x length and GRPO group that fit in each device's memory, by the estimate (90% usable).
+    The log-probs are chunked as the commands chunk them (cli/common.py: 8192 rows above a 65,536 vocabulary)."""
+    if cfg.logits_chunk is None and cfg.vocab_size > CHUNKED_VOCAB:
+        cfg = dataclasses.replace(cfg, logits_chunk=LOGITS_CHUNK)
     devices = [("TPU v5e-8, fsdp=1,tp=4 (per chip)", 16, {"tp": 4}), ("TPU v5e-8, fsdp=1,tp=8", 16, {"tp": 8}),
                ("TPU v5e-8, fsdp=8", 16, {"fsdp": 8}), ("H100 80 GB", 80, {}), ("24 GB GPU", 24, {})]
-    print(f"\n== What fits: {name}, bf16 base, LoRA r{rank} f32 + AdamW, remat on (estimate, 90% of memory) ==")
+    print(f"\n== What fits: {name}, bf16 base, LoRA r{rank} f32 + AdamW, remat on, logits chunk {cfg.logits_chunk} "
+          "(estimate, 90% of memory) ==")
     print(f"{'device':36s} {'SFT 2048: max batch':>20s} {'SFT batch 2: max len':>21s} {'GRPO G=4 x 1024':>16s} "
           f"{'sampling G=4, stacked / per-layer decode weights':>49s}")
     for name, gb, mesh_shape in devices:
@@ -167,15 +174,18 @@ def main(argv=None):
         batch = args.batch or max(2, sizes["data"] * sizes["fsdp"])
         for chunk in chunks:
             c = dataclasses.replace(cfg, logits_chunk=chunk)
-            ma, est = report_compiled(c, args.rank, batch, args.seq, spec, args.config, not args.no_constraints)
-            rows.append((spec, batch, chunk, ma.temp_size_in_bytes, est["activations"] + est["grads"]))
+            ma, est, est_cpu = report_compiled(c, args.rank, batch, args.seq, spec, args.config,
+                                               not args.no_constraints)
+            rows.append((spec, batch, chunk, ma.temp_size_in_bytes, est["activations"] + est["grads"],
+                         est_cpu["activations"] + est_cpu["grads"]))
     if rows:
         print(f"\n== {args.config} XLA temporaries vs estimate (activations + grads) per device, {args.seq} tokens per "
               f"row, before and after the logits chunking, constraints {'off' if args.no_constraints else 'on'} ==")
-        print(f"{'mesh':14s} {'batch':>5s} {'logits chunk':>12s} {'XLA temps':>10s} {'estimate':>9s} "
-              f"{'XLA/estimate':>12s}")
-        for spec, batch, chunk, xla, e in rows:
-            print(f"{spec:14s} {batch:5d} {str(chunk):>12s} {xla / GB:7.2f} GB {e / GB:6.2f} GB {xla / e:12.2f}")
+        print(f"{'mesh':14s} {'batch':>5s} {'logits chunk':>12s} {'XLA temps':>10s} {'TPU/GPU est.':>12s} "
+              f"{'+ CPU f32 copies':>16s} {'XLA/estimate':>12s}")
+        for spec, batch, chunk, xla, e, e_cpu in rows:
+            print(f"{spec:14s} {batch:5d} {str(chunk):>12s} {xla / GB:7.2f} GB {e / GB:9.2f} GB {e_cpu / GB:13.2f} GB "
+                  f"{xla / e_cpu:12.2f}")
     est = {}
     for m, ms in (("1 device", {}), ("fsdp=2,tp=4", {"fsdp": 2, "tp": 4}), ("tp=8", {"tp": 8})):
         one = {w: memory.estimate_bytes(cfg, param_dtype="bfloat16", lora_rank=args.rank, batch=args.batch or 2,

@@ -29,11 +29,20 @@ plain matmul is not needed, only the inputs of LoRA's A, of the nonlinearities a
 Without remat all L layers keep theirs; with per-layer remat only each layer's input [b,T,D] is kept and one
 layer's set is rebuilt (plus as much again in gradient temporaries) during its backward. The head adds the
 logits: [b,T,V] float32 x 2 (the softcapped logits and their gradient: the log-prob is taken as logit - logsumexp,
-no log-softmax kept); at V = 256k that is the biggest single term (2 x 2048 tokens on one device: 8.4 GB).
+no log-softmax kept); at V = 256k that is the biggest single term (2 x 2048 tokens on one device: 8.4 GB). With
+fsdp > 1 the unembedding also gathers the device's vocabulary rows of the embedding at full width, [V/tp, D].
+With vocabulary chunks (cfg.logits_chunk = C, gemma_jax/scoring.py) the head holds instead one chunk's
+[b*T, C/tp] float32 x 4 (logits, softcap slope, probabilities, their cotangent) and the zero-padded, strided copy
+of the device's embedding shard [ceil(V/C)*C/tp, D/fsdp] that the chunks are sliced from.
 The head's buffers are dead before the layers' backward starts, so the peak is
-    saved layers + max(logits, layer working set).
-The counts below were read off XLA's buffer assignment for a float32 step on a CPU; XLA's CPU backend computes
-bf16 elementwise ops in float32, so a bf16 step on a CPU holds more than on a TPU or GPU.
+    saved layers + max(head, layer working set).
+The counts below were read off XLA's buffer assignment for a float32 step on a CPU (and, for the sharded head,
+of the full-size bf16 steps of bench/memory_report.py on a fake 8-device mesh; docs/full_size.md).
+XLA's CPU backend computes bf16 in float32: a bf16 step on a CPU also holds float32 copies that a TPU or GPU does
+not make. `cpu_f32_copies=True` adds them, so the estimate can be checked against a CPU compile: the device's
+shard of every layer weight in float32 (converted once, outside the layer scan), the saved layer inputs [L,b,T,D]
+again in float32, and the head's embedding copy (gathered rows or padded chunks) in float32, once unchunked and
+twice chunked.
 Gemma 4 (layers of different shapes): the weights are counted layer by layer; the activation and KV-cache terms
 use the local layers' shapes for every layer (an approximation: global layers have their own head dim, KV-shared
 layers no cache of their own). A mixture of experts (computed densely over its E experts, gemma_jax/model.py
@@ -58,6 +67,7 @@ from gemma_jax.sharding import CACHE_AXES, MESH_AXES, logical_to_spec
 LOGIT_COPIES = 2  # [b,T,V] f32: the softcapped logits and the gradient flowing back (gemma_jax/scoring.py)
 MLP_COPIES = 7  # [b,T,F]: gate, up, gelu(gate), their product, and gelu-tanh's intermediates (x^3, tanh, 1 - tanh^2)
 SCORE_COPIES = 4  # [b,N,T,T] f32: raw scores, tanh (softcap), masked scores, softmax; + a bool mask
+CHUNK_COPIES = 4  # [b*T, C/tp] f32 per vocabulary chunk: logits, softcap slope, probabilities, their cotangent
 
 
 def _mesh(mesh_shape: dict):
@@ -85,8 +95,9 @@ def _split(n: int, parts: int) -> int:
 
 
 def activation_bytes(cfg: GemmaConfig, *, dtype, batch: int, seq_len: int, mesh_shape: dict, remat: bool,
-                     lora_rank: int, lora_targets) -> dict:
-    """The activation terms of `estimate_bytes` (see the module docstring for what is counted)."""
+                     lora_rank: int, lora_targets, cpu_f32_copies: bool = False) -> dict:
+    """The activation terms of `estimate_bytes` (see the module docstring for what is counted); the head is
+    chunked when cfg.logits_chunk is set."""
     m = _mesh(mesh_shape).shape
     b, T = _split(batch, m["data"] * m["fsdp"]), seq_len
     tp = m["tp"]
@@ -107,27 +118,44 @@ def activation_bytes(cfg: GemmaConfig, *, dtype, batch: int, seq_len: int, mesh_
         per_layer["experts [b,T,E,M]"] = (MLP_COPIES + 1) * b * T * E * cfg.moe_hidden_dim * it
         per_layer["moe norms, router"] = 3 * b * T * D * f32 + 2 * b * T * cfg.num_experts * f32
     one_layer = sum(per_layer.values())
-    logits = LOGIT_COPIES * b * T * V * f32
+    upcast = int(cpu_f32_copies and it < f32)
+    if cfg.logits_chunk is None:
+        logits = LOGIT_COPIES * b * T * V * f32
+        embed_copy = V * D * (it + upcast * f32) if m["fsdp"] > 1 else 0  # rows gathered to full width
+    else:
+        C = min(cfg.logits_chunk, cfg.vocab_size)
+        rows = -(-cfg.vocab_size // C) * C
+        logits = CHUNK_COPIES * b * T * _split(C, tp) * f32
+        embed_copy = (shard_bytes((rows, cfg.embed_dim), ("vocab", "embed"), dtype, mesh_shape)
+                      + 2 * upcast * shard_bytes((rows, cfg.embed_dim), ("vocab", "embed"), np.float32, mesh_shape))
+    head = logits + embed_copy
     # The head's buffers die before the layers' backward starts, so the peak holds the larger of the two phases.
     if remat:
-        saved, working = L * b * T * D * it, max(logits, 2 * one_layer)  # one layer rebuilt + its grad temps
+        saved, working = L * b * T * D * (it + upcast * f32), max(head, 2 * one_layer)  # one layer rebuilt + grads
     else:
-        saved, working = L * one_layer, max(logits, one_layer)
-    out = {"layer_each": one_layer, "layers_saved": saved, "logits": logits, "total": saved + working}
+        saved, working = L * one_layer, max(head, one_layer)
+    weights_f32 = 0
+    if upcast:
+        weights_f32 = sum(shard_bytes(s.shape, s.axes, np.float32, mesh_shape)
+                          for s in _spec_leaves(param_specs(cfg)["layers"]) if "norm" not in s.axes)
+    out = {"layer_each": one_layer, "layers_saved": saved, "logits": logits, "head": head,
+           "cpu_f32_weights": weights_f32, "total": saved + working + weights_f32}
     return out
 
 
 def estimate_bytes(cfg: GemmaConfig, *, param_dtype="bfloat16", lora_rank: int, lora_targets=("q", "kv", "gate",
                    "up", "down"), lora_dtype="float32", optimizer: str = "adamw", batch: int, seq_len: int,
                    mesh_shape: dict | None = None, remat: bool = True, cache_batch: int | None = None,
-                   cache_len: int | None = None, decode_weights: str = "per_layer") -> dict:
+                   cache_len: int | None = None, decode_weights: str = "per_layer",
+                   cpu_f32_copies: bool = False) -> dict:
     """Bytes per device of each part of a LoRA train step and of a sampling KV cache (see the module docstring).
 
     Returns {"base_params", "lora_params", "grads", "optimizer", "activations", "activations_no_remat",
     "activations_remat", "train_total", "kv_cache", "decode_weights", "sample_total"}: train_total = params +
     LoRA + grads + optimizer + activations (with `remat` as given); sample_total = base + LoRA + decode_weights
     (for the sampler's `decode_weights`, "per_layer" or "stacked") + KV cache for `cache_batch` rows of
-    `cache_len` tokens (default: batch and seq_len)."""
+    `cache_len` tokens (default: batch and seq_len).
+    cpu_f32_copies: add the float32 copies XLA's CPU backend makes of a bf16 step (module docstring)."""
     mesh_shape = dict(mesh_shape or {})
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
@@ -139,7 +167,8 @@ def estimate_bytes(cfg: GemmaConfig, *, param_dtype="bfloat16", lora_rank: int, 
     lora_f32 = lora * 4 // np.dtype(lora_dtype).itemsize
     opt = 2 * lora_f32 + 4 if optimizer == "adamw" else 0
     act = {r: activation_bytes(cfg, dtype=param_dtype, batch=batch, seq_len=seq_len, mesh_shape=mesh_shape,
-                               remat=r, lora_rank=lora_rank, lora_targets=lora_targets)["total"]
+                               remat=r, lora_rank=lora_rank, lora_targets=lora_targets,
+                               cpu_f32_copies=cpu_f32_copies)["total"]
            for r in (False, True)}
     cb, cl = cache_batch or batch, cache_len or seq_len
     L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
