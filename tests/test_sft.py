@@ -366,8 +366,8 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(params, tokenizer,
     marker = next(t for t in counts[5] if sum(t in c for c in counts) == 1)
     clean = sft_train.nll_sum
 
-    def poisoned(lo, base, batch, cfg):
-        total, n = clean(lo, base, batch, cfg)
+    def poisoned(lo, base, batch, cfg, shard=None):
+        total, n = clean(lo, base, batch, cfg, shard)
         return jnp.where(jnp.any(batch["tokens"] == marker), jnp.nan, total), n
 
     monkeypatch.setattr(sft_train, "nll_sum", poisoned)
