@@ -27,3 +27,17 @@ def hf_logits(model, tokens, mask):
 
 def our_logits(params, cfg, tokens, mask):
     return np.asarray(forward(params, jnp.asarray(tokens), cfg, pad_mask_BT=jnp.asarray(mask))[0])
+
+
+def hf_greedy_tokens(model, prompts, N: int) -> np.ndarray:
+    """transformers' greedy `generate` of N new tokens for token-id prompts left-padded into one batch (pad 0,
+    eos 1), right-padded with 0 to N columns as our sampler returns them."""
+    P = max(map(len, prompts))
+    ids = np.zeros((len(prompts), P), np.int64)
+    am = np.zeros((len(prompts), P), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):], am[i, P - len(p):] = p, 1
+    with torch.no_grad():
+        ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am), max_new_tokens=N,
+                             do_sample=False, pad_token_id=0, eos_token_id=1)[:, P:].numpy()
+    return np.pad(ref, ((0, 0), (0, N - ref.shape[1])))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_utils import hf_logits, our_logits, padded_batch
+from hf_utils import hf_greedy_tokens, hf_logits, our_logits, padded_batch
 from transformers import AutoModelForCausalLM, Gemma4ForCausalLM, Gemma4TextConfig
 
 import gemma_jax as g
@@ -308,18 +308,9 @@ def test_greedy_equals_transformers_generate_left_padded(hf_case):
     if name not in ("all", "no_kv_sharing"):
         pytest.skip("two cases are enough")
     _, params = g.load_checkpoint(path)
-    prompts = [[2, 17, 99, 45, 300, 8], [2, 77, 5]]
-    N = 14
+    prompts, N = [[2, 17, 99, 45, 300, 8], [2, 77, 5]], 14
     out = generate(params, cfg, prompts, max_new_tokens=N, temperature=0.0, stop_ids=(1,))
-    P = max(map(len, prompts))
-    ids = np.zeros((2, P), np.int64)
-    am = np.zeros((2, P), np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):], am[i, P - len(p):] = p, 1
-    with torch.no_grad():
-        ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am), max_new_tokens=N,
-                             do_sample=False, pad_token_id=0, eos_token_id=1)[:, P:].numpy()
-    ref = np.pad(ref, ((0, 0), (0, N - ref.shape[1])))
+    ref = hf_greedy_tokens(model, prompts, N)
     assert np.array_equal(out.tokens, ref), (out.tokens, ref)
 
 
