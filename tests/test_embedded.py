@@ -203,3 +203,26 @@ def test_reasoning_forms_counts_each_domains_forms():
     m = reasoning_forms(records, texts)
     assert m == {"math_step_by_step_share": 0.5, "math_accuracy_step_by_step": 1.0, "math_accuracy_one_line": 0.0,
                  "general_step_by_step_share": 1 / 3, "general_em_step_by_step": 1.0, "general_em_one_line": 0.5}
+
+
+def test_study_table_gives_mean_spread_and_std_per_variant(tmp_path, monkeypatch):
+    """scripts/study.py's table from finished runs' summary.json: the SFT start, then per variant the mean over
+    seeds, max - min and the sample std; a variant with no finished run is left out."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("study", os.path.join(ROOT, "scripts", "study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    monkeypatch.setattr(study, "run_dir", lambda v, s: str(tmp_path / f"{v}-seed{s}"))
+    before = {"math_accuracy": 0.2, "general_exact_match": 0.1, "prob_reward_mean": 0.15, "strict_format_rate": 1.0}
+    for seed, math, em in ((0, 0.5, 0.1), (1, 0.4, 0.2), (2, 0.6, 0.3)):
+        os.makedirs(study.run_dir("default", seed))
+        after = {**before, "math_accuracy": math, "general_exact_match": em}
+        json.dump({"before": before, "after": after}, open(os.path.join(study.run_dir("default", seed),
+                                                                         "summary.json"), "w"))
+    lines = study.table(["default", "no_debias"], [0, 1, 2]).splitlines()
+    assert lines[2] == "| SFT start | 0.200 | 0.100 | 0.150 | 1.000 |"
+    assert lines[3] == ("| default (3 seeds) | 0.500 (spread 0.200, std 0.100) | 0.200 (spread 0.200, std 0.100) | "
+                        "0.150 (spread 0.000, std 0.000) | 1.000 (spread 0.000, std 0.000) |")
+    assert len(lines) == 4

@@ -16,7 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_utils import hf_greedy_tokens, hf_logits, our_logits, padded_batch
+from hf_utils import (
+    cached_logits,
+    hf_config,
+    hf_greedy_tokens,
+    hf_logits,
+    our_logits,
+    padded_batch,
+    random_params,
+    randomize_hf,
+)
 from transformers import AutoModelForCausalLM, Gemma4ForCausalLM, Gemma4TextConfig
 
 import gemma_jax as g
@@ -41,26 +50,10 @@ CASES = {
 }
 
 
-def _hf_config(cfg, **extra):
-    d = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
-    return Gemma4TextConfig(**{**d, **extra})
-
-
-def _randomize(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # norms around 1 (scale w), not all equal
-            p.normal_(1.0 if "norm" in name else 0.0, 0.3 if "norm" in name else 0.2)
-        for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                b.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def hf_case(request, tmp_path_factory):
     cfg = CASES[request.param]
-    model = _randomize(Gemma4ForCausalLM(_hf_config(cfg, attn_implementation="eager")), seed=1)
+    model = randomize_hf(Gemma4ForCausalLM(hf_config(Gemma4TextConfig, cfg, attn_implementation="eager")), seed=1)
     path = str(tmp_path_factory.mktemp(f"hf4_{request.param}"))
     model.save_pretrained(path)
     return request.param, cfg, model, path
@@ -100,19 +93,10 @@ def test_rope_fraction_matters(hf_case):
     assert np.abs(our_logits(params, wrong, tokens, mask) - ref)[mask].max() > 1e-2
 
 
-def _random_params(cfg, seed):
-    """init_params with every norm and layer scalar randomised around 1."""
-    params = init_params(cfg, seed)
-    rng = np.random.RandomState(seed)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, v: jnp.asarray(1.0 + 0.3 * rng.randn(*v.shape), v.dtype)
-        if any(s in jax.tree_util.keystr(path) for s in ("norm", "layer_scalar")) else v, params)
-
-
 @pytest.mark.parametrize("name", ["all", "no_ple", "no_k_eq_v"])
 def test_save_hf_loads_in_transformers_with_same_logits(name, tmp_path):
     cfg = CASES[name]
-    params = _random_params(cfg, 3)
+    params = random_params(cfg, 3)
     g.save_hf(tmp_path, cfg, params)
     assert json.load(open(tmp_path / "config.json"))["model_type"] == "gemma4_text"
     model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
@@ -132,7 +116,7 @@ def test_preset_param_count_equals_transformers(name):
     layer_scalar as a (saved) buffer, not a parameter: one number per layer, added to its count."""
     cfg = getattr(C, name)
     with torch.device("meta"):
-        model = Gemma4ForCausalLM(_hf_config(cfg))
+        model = Gemma4ForCausalLM(hf_config(Gemma4TextConfig, cfg))
     theirs = sum(p.numel() for p in model.parameters())
     theirs += sum(b.numel() for n, b in model.named_buffers() if n.endswith("layer_scalar"))
     ours = count_params(jax.eval_shape(lambda: abstract_params(cfg)))
@@ -143,7 +127,7 @@ def test_preset_param_count_equals_transformers(name):
 def test_config_round_trips_through_hf(name):
     cfg = getattr(C, name)
     assert config_from_hf(config_to_hf(cfg)) == cfg
-    assert config_from_hf(_hf_config(cfg).to_dict()) == cfg
+    assert config_from_hf(hf_config(Gemma4TextConfig, cfg).to_dict()) == cfg
 
 
 def test_12b_preset_counts_as_transformers_gemma4_unified():
@@ -217,7 +201,7 @@ def test_bidirectional_configs_are_refused():
 def test_multimodal_config_reads_the_text_config():
     from transformers import Gemma4Config
 
-    mm = Gemma4Config(text_config=_hf_config(_ALL).to_dict()).to_dict()
+    mm = Gemma4Config(text_config=hf_config(Gemma4TextConfig, _ALL).to_dict()).to_dict()
     assert config_from_hf(mm) == _ALL
 
 
@@ -229,8 +213,8 @@ def test_multimodal_text_tower_loads(tmp_path, capsys):
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=2, head_dim=8)
     audio = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
-    mm = Gemma4Config(text_config=_hf_config(_ALL).to_dict(), vision_config=vision, audio_config=audio)
-    model = _randomize(Gemma4ForConditionalGeneration(mm), seed=2)
+    mm = Gemma4Config(text_config=hf_config(Gemma4TextConfig, _ALL).to_dict(), vision_config=vision, audio_config=audio)
+    model = randomize_hf(Gemma4ForConditionalGeneration(mm), seed=2)
     model.config._attn_implementation = "eager"
     model.config.text_config._attn_implementation = "eager"
     model.save_pretrained(tmp_path)
@@ -258,16 +242,16 @@ def test_gemma4_unified_files_load_with_same_logits(tmp_path, capsys, multimodal
     )
 
     cfg = CASES["no_ple"]
-    text = _hf_config(cfg, attn_implementation="eager").to_dict()
+    text = hf_config(Gemma4TextConfig, cfg, attn_implementation="eager").to_dict()
     text = Gemma4UnifiedTextConfig(**{k: v for k, v in text.items() if k not in ("model_type", "transformers_version")})
     if multimodal:
         vision = dict(patch_size=4, pooling_kernel_size=2, mm_embed_dim=16, mm_posemb_size=8)
         mm = Gemma4UnifiedConfig(text_config=text.to_dict(), vision_config=vision, audio_config=dict(audio_embed_dim=8))
-        model = _randomize(Gemma4UnifiedForConditionalGeneration(mm), seed=3)
+        model = randomize_hf(Gemma4UnifiedForConditionalGeneration(mm), seed=3)
         model.config._attn_implementation = "eager"
         model.config.text_config._attn_implementation = "eager"
     else:
-        model = _randomize(Gemma4UnifiedForCausalLM(text), seed=3)
+        model = randomize_hf(Gemma4UnifiedForCausalLM(text), seed=3)
     model.save_pretrained(tmp_path)
     got_cfg, params = g.load_checkpoint(tmp_path)
     assert got_cfg == cfg
@@ -285,18 +269,11 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(name):
     """model.forward with a cache: a 12-token left-padded prefill then one token at a time past the window (8);
     KV-shared layers read their source layer's cache and new keys."""
     cfg = CASES[name]
-    params = _random_params(cfg, 6)
+    params = random_params(cfg, 6)
     tokens, mask = padded_batch(T)
-    full = our_logits(params, cfg, tokens, mask)
     cache = init_cache(cfg, 2, T)
     assert [c is None for c in cache["k"]] == [k.kv_source >= 0 for k in layer_kinds(cfg)]
-    logits, cache = forward(params, jnp.asarray(tokens[:, :12]), cfg, pad_mask_BT=jnp.asarray(mask[:, :12]),
-                            cache=cache)
-    steps = [logits]
-    for t in range(12, T):
-        logits, cache = forward(params, jnp.asarray(tokens[:, t:t + 1]), cfg, cache=cache)
-        steps.append(logits)
-    diff = np.abs(np.concatenate([np.asarray(s) for s in steps], axis=1) - full)[mask].max()
+    diff = np.abs(cached_logits(params, cfg, tokens, mask) - our_logits(params, cfg, tokens, mask))[mask].max()
     print(f"gemma4 cache {name}: max |prefill+decode - full forward| = {diff:.2e}")
     assert diff <= 1e-4, diff
 
@@ -321,7 +298,7 @@ def test_sharded_forward_and_cache_equal_unsharded():
 
     cfg = _ALL
     mesh = make_mesh("fsdp=4,tp=2")
-    params = _random_params(cfg, 7)
+    params = random_params(cfg, 7)
     sh = param_shardings(cfg, mesh)
     assert sh["layers"][0]["q"].spec == jax.sharding.PartitionSpec("fsdp", "tp", None)
     tokens, mask = padded_batch(T)
@@ -354,7 +331,7 @@ def test_lora_forward_equals_merged_weights(targets):
     from lora import concat_lora, init_lora, merge
 
     cfg = _ALL
-    params = _random_params(cfg, 8)
+    params = random_params(cfg, 8)
     lora = init_lora(cfg, rank=4, alpha=8.0, targets=targets, seed=1)
     rng = np.random.RandomState(2)
     lora = jax.tree.map(lambda x: x if x.shape[0] != 4 else jnp.asarray(0.1 * rng.randn(*x.shape), x.dtype), lora)

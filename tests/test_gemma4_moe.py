@@ -17,13 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_utils import hf_greedy_tokens, hf_logits, our_logits, padded_batch
+from hf_utils import (
+    cached_logits,
+    hf_config,
+    hf_greedy_tokens,
+    hf_logits,
+    our_logits,
+    padded_batch,
+    random_params,
+    randomize_hf,
+)
 from transformers import AutoModelForCausalLM, Gemma4ForCausalLM, Gemma4TextConfig
 
 import gemma_jax as g
 from gemma_jax import config as C
 from gemma_jax.config import config_from_hf, config_to_hf
-from gemma_jax.model import abstract_params, count_params, forward, init_cache, init_params
+from gemma_jax.model import abstract_params, count_params, forward
 from gemma_jax.sampler import generate
 
 T = 20
@@ -32,40 +41,16 @@ CASES = {
     "all": MOE,
     "a4b_shape": dataclasses.replace(MOE, per_layer_input_dim=0, num_kv_shared_layers=0, double_wide_mlp=False),
 }
-
-
-def _hf_config(cfg, **extra):
-    d = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
-    return Gemma4TextConfig(**{**d, **extra})
-
-
-def _randomize(model, seed):
-    """Norms, router scales and per-expert scales around 1 (not all equal), other weights N(0, 0.2)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            around_one = "norm" in name or name.endswith(("router.scale", "per_expert_scale"))
-            p.normal_(1.0 if around_one else 0.0, 0.3 if around_one else 0.2)
-        for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                b.uniform_(0.5, 1.5)
-    return model.eval()
-
-
-def _random_params(cfg, seed):
-    """init_params with every norm, router scale, per-expert scale and layer scalar randomised around 1."""
-    params = init_params(cfg, seed)
-    rng = np.random.RandomState(seed)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, v: jnp.asarray(1.0 + 0.3 * rng.randn(*v.shape), v.dtype)
-        if any(s in jax.tree_util.keystr(path) for s in ("norm", "layer_scalar", "scale")) else v, params)
+# Norms, router scales and per-expert scales randomised around 1 (not all equal), the other weights around 0.
+MOE_AROUND_ONE = ("norm", "router.scale", "per_expert_scale")
+MOE_PARAMS_AROUND_ONE = ("norm", "layer_scalar", "scale")
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def hf_case(request, tmp_path_factory):
     cfg = CASES[request.param]
-    model = _randomize(Gemma4ForCausalLM(_hf_config(cfg, attn_implementation="eager",
-                                                     experts_implementation="eager")), seed=1)
+    hf_cfg = hf_config(Gemma4TextConfig, cfg, attn_implementation="eager", experts_implementation="eager")
+    model = randomize_hf(Gemma4ForCausalLM(hf_cfg), seed=1, around_one=MOE_AROUND_ONE)
     path = str(tmp_path_factory.mktemp(f"hf4moe_{request.param}"))
     model.save_pretrained(path)
     return request.param, cfg, model, path
@@ -100,7 +85,7 @@ def test_routing_matters(hf_case):
 @pytest.mark.parametrize("name", list(CASES))
 def test_save_hf_loads_in_transformers_with_same_logits(name, tmp_path):
     cfg = CASES[name]
-    params = _random_params(cfg, 3)
+    params = random_params(cfg, around_one=MOE_PARAMS_AROUND_ONE, seed=3)
     g.save_hf(tmp_path, cfg, params)
     saved = json.load(open(tmp_path / "config.json"))
     assert (saved["enable_moe_block"], saved["num_experts"], saved["top_k_experts"],
@@ -120,17 +105,9 @@ def test_save_hf_loads_in_transformers_with_same_logits(name, tmp_path):
 def test_kv_cache_prefill_then_decode_equals_full_forward(name):
     """model.forward with a cache: a 12-token left-padded prefill then one token at a time past the window (8)."""
     cfg = CASES[name]
-    params = _random_params(cfg, 6)
+    params = random_params(cfg, around_one=MOE_PARAMS_AROUND_ONE, seed=6)
     tokens, mask = padded_batch(T)
-    full = our_logits(params, cfg, tokens, mask)
-    cache = init_cache(cfg, 2, T)
-    logits, cache = forward(params, jnp.asarray(tokens[:, :12]), cfg, pad_mask_BT=jnp.asarray(mask[:, :12]),
-                            cache=cache)
-    steps = [logits]
-    for t in range(12, T):
-        logits, cache = forward(params, jnp.asarray(tokens[:, t:t + 1]), cfg, cache=cache)
-        steps.append(logits)
-    diff = np.abs(np.concatenate([np.asarray(s) for s in steps], axis=1) - full)[mask].max()
+    diff = np.abs(cached_logits(params, cfg, tokens, mask) - our_logits(params, cfg, tokens, mask))[mask].max()
     print(f"gemma4 moe cache {name}: max |prefill+decode - full forward| = {diff:.2e}")
     assert diff <= 1e-4, diff
 
@@ -174,7 +151,7 @@ def test_param_count_equals_transformers(name):
     buffers). 26B-A4B: 25.2 G parameters, of which 22.8 G are experts."""
     cfg = MOE if name == "MOE" else getattr(C, name)
     with torch.device("meta"):
-        model = Gemma4ForCausalLM(_hf_config(cfg))
+        model = Gemma4ForCausalLM(hf_config(Gemma4TextConfig, cfg))
     theirs = sum(p.numel() for p in model.parameters())
     theirs += sum(b.numel() for n, b in model.named_buffers() if n.endswith("layer_scalar"))
     ours = count_params(jax.eval_shape(lambda: abstract_params(cfg)))
@@ -188,7 +165,7 @@ def test_param_count_equals_transformers(name):
 def test_config_round_trips_through_hf(name):
     cfg = MOE if name == "MOE" else getattr(C, name)
     assert config_from_hf(config_to_hf(cfg)) == cfg
-    assert config_from_hf(_hf_config(cfg).to_dict()) == cfg
+    assert config_from_hf(hf_config(Gemma4TextConfig, cfg).to_dict()) == cfg
 
 
 def test_bad_moe_configs_are_refused():
@@ -206,7 +183,7 @@ def test_lora_forward_and_gradients():
     from lora import init_lora, merge
 
     cfg = CASES["a4b_shape"]  # PLE and KV sharing are covered with LoRA in test_gemma4.py; this one compiles faster
-    params = _random_params(cfg, 8)
+    params = random_params(cfg, around_one=MOE_PARAMS_AROUND_ONE, seed=8)
     lora = init_lora(cfg, rank=4, alpha=8.0, targets=("q", "kv", "o", "gate", "up", "down"), seed=1)
     rng = np.random.RandomState(2)
     lora = jax.tree.map(lambda x: x if x.shape[0] != 4 else jnp.asarray(0.1 * rng.randn(*x.shape), x.dtype), lora)
@@ -224,7 +201,7 @@ def test_sharded_forward_equals_unsharded():
 
     cfg = MOE
     mesh = make_mesh("fsdp=2,tp=4")
-    params = _random_params(cfg, 7)
+    params = random_params(cfg, around_one=MOE_PARAMS_AROUND_ONE, seed=7)
     sh = param_shardings(cfg, mesh)
     P = jax.sharding.PartitionSpec
     assert sh["layers"][0]["experts_gate_up"].spec == P("tp", "fsdp", None, None)
