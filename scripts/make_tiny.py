@@ -2,6 +2,7 @@
 
     python scripts/make_tiny.py tokenizer --data bundled/data --out bundled
     python scripts/make_tiny.py pretrain  --data bundled/data --out bundled --steps 1500
+    python scripts/make_tiny.py probe     --data bundled/data --out bundled     # the base's accuracy per task kind
 
 The tokenizer is a sentencepiece BPE model with Gemma's special-id layout (pad 0, eos 1, bos 2, unk 3, then
 <start_of_turn>, <end_of_turn> and the reasoning/answer tags) and Gemma's habits: digits split one per token, text
@@ -13,6 +14,7 @@ window on even layers, both softcaps, post-norms) pre-trained with plain next-to
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -64,7 +66,43 @@ def corpus_rows(tokenizer, data_dir, seq_len):
     return np.asarray(stream[: n * (seq_len + 1)], np.int32).reshape(n, seq_len + 1)
 
 
-def pretrain(data_dir, out_dir, *, steps, batch, seq_len, lr, seed):
+# The task kind of a held-out question, from the wording data/tiny_tasks.py gives each kind.
+KINDS = [("list", "Start with "), ("swap", " swap, then "), ("calendar", "Today is "), ("math", "")]
+
+
+def task_kind(question: str) -> str:
+    return next(k for k, marker in KINDS if marker in question)
+
+
+def probe(params, cfg, tok, data_dir, *, per_kind=120):
+    """Greedy accuracy of a base model in its pre-training format (`Question: ...\nSolution:`, which always works
+    every step out) on the first `per_kind` held-out items of each task kind: what writing the work out gets this
+    model, before any fine-tuning. Returns {kind: accuracy}."""
+    import csv
+
+    from gemma_jax.sampler import generate
+
+    with open(os.path.join(data_dir, "rl_eval.csv")) as f:
+        rows = list(csv.DictReader(f))
+    by_kind = {}
+    for r in rows:
+        by_kind.setdefault(task_kind(r["question"]), []).append(r)
+    out = {}
+    for kind, items in sorted(by_kind.items()):
+        items = items[:per_kind]
+        prompts = [tok.encode(f"Question: {r['question']}\nSolution:", add_bos=True) for r in items]
+        right = 0
+        for i in range(0, len(prompts), 64):
+            gen = generate(params, cfg, prompts[i:i + 64], max_new_tokens=72, temperature=0.0, stop_ids=(1,))
+            for r, toks, n in zip(items[i:i + 64], gen.tokens, gen.lengths):
+                text = tok.decode([int(t) for t in toks[:n]])
+                m = re.search(r"The answer is (.*?)\.(\s|$)", text)
+                right += bool(m) and m.group(1).strip() == r["answer"]
+        out[kind] = right / len(items)
+    return out
+
+
+def pretrain(data_dir, out_dir, *, steps, batch, seq_len, lr, seed, probe_every=0):
     cfg = TINY_DEFAULT
     tok = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
     if tok.vocab_size != cfg.vocab_size:
@@ -98,6 +136,9 @@ def pretrain(data_dir, out_dir, *, steps, batch, seq_len, lr, seed):
             print(f"step {step:5d}  loss {float(loss):.4f}  grad-norm {float(norm):.3f}  "
                   f"{(step + 1) * batch * seq_len / el:.0f} tok/s  eta {el / (step + 1) * (steps - step - 1):.0f}s",
                   flush=True)
+        if probe_every and (step + 1) % probe_every == 0 and step + 1 < steps:
+            acc = probe(params, cfg, tok, data_dir, per_kind=60)
+            print(f"probe at step {step + 1}: " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
     from gemma_jax.checkpoint import save_hf
 
     base_dir = os.path.join(out_dir, "base")
@@ -110,7 +151,7 @@ def pretrain(data_dir, out_dir, *, steps, batch, seq_len, lr, seed):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["tokenizer", "pretrain"])
+    ap.add_argument("what", choices=["tokenizer", "pretrain", "probe"])
     ap.add_argument("--data", default="bundled/data")
     ap.add_argument("--out", default="bundled")
     ap.add_argument("--steps", type=int, default=1500)
@@ -118,12 +159,21 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probe-every", type=int, default=0,
+                    help="pretrain: print the probe's accuracy per task kind (60 items each) every this many steps")
     args = ap.parse_args(argv)
     if args.what == "tokenizer":
         train_tokenizer(args.data, args.out, TINY_DEFAULT.vocab_size)
-    else:
+    elif args.what == "pretrain":
         pretrain(args.data, args.out, steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
-                 seed=args.seed)
+                 seed=args.seed, probe_every=args.probe_every)
+    else:
+        from gemma_jax.checkpoint import load_hf
+
+        cfg, params = load_hf(os.path.join(args.out, "base"))
+        acc = probe(params, cfg, Tokenizer(os.path.join(args.out, "tokenizer.model")), args.data)
+        print("probe (greedy, pre-training format, 120 held-out items per kind): "
+              + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
 
 
 if __name__ == "__main__":
