@@ -226,3 +226,19 @@ def test_study_table_gives_mean_spread_and_std_per_variant(tmp_path, monkeypatch
     assert lines[3] == ("| default (3 seeds) | 0.500 (spread 0.200, std 0.100) | 0.200 (spread 0.200, std 0.100) | "
                         "0.150 (spread 0.000, std 0.000) | 1.000 (spread 0.000, std 0.000) |")
     assert len(lines) == 4
+
+
+def test_make_tiny_probe_names_each_generated_question_by_its_generator():
+    """`scripts/make_tiny.py probe` groups held-out questions by task kind from their wording alone; every question
+    each generator of data/tiny_tasks.py writes must land in that generator's kind."""
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("make_tiny", os.path.join(ROOT, "scripts", "make_tiny.py"))
+    make_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_tiny)
+    rng = random.Random(0)
+    for kind, item in (("math", tiny_tasks._math_item), ("list", tiny_tasks._list_item),
+                       ("swap", tiny_tasks._swap_item), ("calendar", tiny_tasks._calendar_item)):
+        kinds = {make_tiny.task_kind(item(rng)[0]) for _ in range(2000)}
+        assert kinds == {kind}, (kind, kinds)
