@@ -96,7 +96,7 @@ def probe(params, cfg, tok, data_dir, *, per_kind=120):
             gen = generate(params, cfg, prompts[i:i + 64], max_new_tokens=72, temperature=0.0, stop_ids=(1,))
             for r, toks, n in zip(items[i:i + 64], gen.tokens, gen.lengths):
                 text = tok.decode([int(t) for t in toks[:n]])
-                m = re.search(r"The answer is (.*?)\.(\s|$)", text)
+                m = re.search(r"\nAnswer:\n([^\n]*)", text)
                 right += bool(m) and m.group(1).strip() == r["answer"]
         out[kind] = right / len(items)
     return out

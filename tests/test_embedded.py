@@ -242,3 +242,29 @@ def test_make_tiny_probe_names_each_generated_question_by_its_generator():
                        ("swap", tiny_tasks._swap_item), ("calendar", tiny_tasks._calendar_item)):
         kinds = {make_tiny.task_kind(item(rng)[0]) for _ in range(2000)}
         assert kinds == {kind}, (kind, kinds)
+
+
+def test_corpus_answers_are_the_answer_blocks_tokens(generated):
+    """The bundled tokenizer adds no dummy space (as Gemma's), so a word at a line start is other tokens than the
+    same word after a space. The pre-training corpus must put each answer where the answer block does (alone at a
+    line start), so the base learns the very tokens that SFT trains and the probability reward scores."""
+    from gemma_jax.tokenizer import Tokenizer
+    from rewards.tags import render_completion
+
+    tok = Tokenizer(PATHS["tokenizer"])
+    newline = tok.encode("\n")
+    with open(os.path.join(generated[0], "corpus.txt")) as f:
+        docs = [d for d in f.read().split("\n\n") if d.strip()][:600]
+    words = differ = 0
+    for doc in docs:
+        answer = doc.rsplit("\n", 1)[1]
+        a_ids, doc_ids = tok.encode(answer), tok.encode(doc.strip())
+        assert doc_ids[-len(a_ids) - len(newline):] == newline + a_ids, doc
+        block = tok.encode(render_completion("r", answer))
+        start = block.index(tok.encode("<answer>")[0]) + 1 + len(newline)
+        assert block[start:start + len(a_ids)] == a_ids, answer
+        if not answer.isdigit():
+            words += 1
+            differ += tok.encode(" " + answer)[-len(a_ids):] != a_ids
+    # After a space every word answer is other tokens: the corpus's old "The answer is X." taught only those.
+    assert words > 150 and differ == words
