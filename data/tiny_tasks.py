@@ -139,6 +139,9 @@ def make_items(n, domain, seed, exclude=frozenset()):
     return items
 
 
+CORPUS_ANSWER = "\nAnswer:\n"  # what stands between a corpus solution and its answer (corpus_lines)
+
+
 def corpus_lines(items):
     """Plain-prose pre-training text: the model learns the language and arithmetic, not yet the output tags.
 
@@ -146,7 +149,7 @@ def corpus_lines(items):
     tokenizer, like Gemma's, adds no dummy space, so a word at a line start is other tokens than the same word
     after a space ("T", "uesday" against "▁Tuesday"). When the corpus wrote answers only after a space ("The answer
     is Tuesday."), the tiny model never learned to copy a word from its reasoning into the answer block."""
-    return [f"Question: {it['question']}\nSolution: {it['reasoning']}\nAnswer:\n{it['answer']}" for it in items]
+    return [f"Question: {it['question']}\nSolution: {it['reasoning']}{CORPUS_ANSWER}{it['answer']}" for it in items]
 
 
 def write_all(out_dir, *, seed=0, n_sft=2000, n_rl=1000, n_eval=200, n_corpus=20000, long_share=0.2):

@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from data.tiny_tasks import CORPUS_ANSWER  # noqa: E402
 from gemma_jax.config import GemmaConfig  # noqa: E402
 from gemma_jax.model import count_params, forward, init_params  # noqa: E402
 from gemma_jax.tokenizer import Tokenizer  # noqa: E402
@@ -96,7 +97,7 @@ def probe(params, cfg, tok, data_dir, *, per_kind=120):
             gen = generate(params, cfg, prompts[i:i + 64], max_new_tokens=72, temperature=0.0, stop_ids=(1,))
             for r, toks, n in zip(items[i:i + 64], gen.tokens, gen.lengths):
                 text = tok.decode([int(t) for t in toks[:n]])
-                m = re.search(r"\nAnswer:\n([^\n]*)", text)
+                m = re.search(re.escape(CORPUS_ANSWER) + r"([^\n]*)", text)
                 right += bool(m) and m.group(1).strip() == r["answer"]
         out[kind] = right / len(items)
     return out

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m data.tiny_tasks --out bundled/data                              # deterministic task generator
 python scripts/make_tiny.py tokenizer --data bundled/data --out bundled      # sentencepiece, Gemma special ids
-python scripts/make_tiny.py pretrain --data bundled/data --out bundled --steps 2000 --batch 32   # ~2.3M-param Gemma 2, ~30 min
+python scripts/make_tiny.py pretrain --data bundled/data --out bundled --steps 2000 --batch 32   # ~2.3M-param Gemma 2, ~35 min
 rm -rf runs/sft-default
 python run.py --stage sft --out runs/sft-default                          # the default SFT run
 rm -rf bundled/sft_adapters && cp -r runs/sft-default/adapters bundled/sft_adapters

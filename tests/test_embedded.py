@@ -257,7 +257,8 @@ def test_corpus_answers_are_the_answer_blocks_tokens(generated):
         docs = [d for d in f.read().split("\n\n") if d.strip()][:600]
     words = differ = 0
     for doc in docs:
-        answer = doc.rsplit("\n", 1)[1]
+        assert doc.count(tiny_tasks.CORPUS_ANSWER) == 1, doc
+        answer = doc.split(tiny_tasks.CORPUS_ANSWER)[1]
         a_ids, doc_ids = tok.encode(answer), tok.encode(doc.strip())
         assert doc_ids[-len(a_ids) - len(newline):] == newline + a_ids, doc
         block = tok.encode(render_completion("r", answer))
