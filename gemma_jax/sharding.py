@@ -31,8 +31,20 @@ inside a jit with `out_shardings` (or placed with `shard`, when every process ho
 global arrays too. Only process 0 should write files (`jax.process_index() == 0`), after fetching values with
 `to_host` (a process cannot read shards that live on another host). On a TPU pod slice, e.g. v5e-16
 (4 hosts x 4 chips), run the same command on every host (`gcloud compute tpus tpu-vm ssh --worker=all`) with
-a mesh such as "data=4,tp=4" or "fsdp=4,tp=4"; multi-slice (DCN-connected) pods need
-`jax.experimental.mesh_utils.create_hybrid_device_mesh` instead and are not covered here.
+a mesh such as "data=4,tp=4" or "fsdp=4,tp=4".
+
+Multi-slice (several TPU slices joined by the data-center network, DCN; or several GPU hosts, one process each):
+a hybrid spec gives an axis's size across slices with a dcn_ prefix, the plain sizes staying inside each slice,
+e.g. "dcn_data=2,fsdp=4,tp=4" on 2 x v5e-16: data=2 over DCN (one gradient all-reduce per step crosses it),
+fsdp=4 and tp=4 over each slice's fast ICI links. The mesh keeps the same three axes (each of size dcn_ x plain),
+so every rule above applies unchanged. `make_mesh` groups the devices into slices (`device_slice`: a TPU
+device's slice_index; off TPU each process is one slice), lays each slice out with jax.make_mesh and tiles the
+slices along the dcn_ axes, as mesh_utils.create_hybrid_device_mesh does. The dcn_ sizes must multiply to the
+number of slices, the plain ones to the devices per slice; a plain spec on devices of several TPU slices raises
+(jax.make_mesh refuses them). What is tested: two processes, each one slice of 4 CPU devices, train like one
+process on the plain mesh, and their device order equals create_hybrid_device_mesh(process_is_granule=True)'s
+(tests/test_multihost.py); the grouping by slice_index only on stand-in TPU device objects; a real pod (its
+per-slice topology order, DCN speed) not at all.
 """
 
 import dataclasses
@@ -47,6 +59,7 @@ from gemma_jax.config import GemmaConfig
 from gemma_jax.model import lora_axes, param_axes, param_specs
 
 MESH_AXES = ("data", "fsdp", "tp")
+DCN = "dcn_"  # spec prefix of an axis's size across slices (over the data-center network)
 
 # Logical axis -> mesh axis (a name, a tuple of names sharing one dimension, or None for replicated).
 RULES = {
@@ -84,55 +97,124 @@ CACHE_AXES = {
 }
 
 
-def parse_mesh_spec(spec: str, num_devices: int) -> dict:
-    """'fsdp=4,tp=2' -> {'data': 1, 'fsdp': 4, 'tp': 2}. One size may be -1 ("all remaining devices").
-
-    Raises ValueError naming the bad item when an axis is unknown or repeated, a size is not an integer >= 1
-    (or -1), or the sizes do not multiply to `num_devices`.
-    """
-    sizes, rest_axis = {}, None
+def _parse_items(spec: str) -> dict:
+    """'dcn_data=2,fsdp=-1' -> {'dcn_data': 2, 'fsdp': -1}: names and sizes checked, their products not yet."""
+    known = MESH_AXES + tuple(DCN + a for a in MESH_AXES)
+    items = {}
     for item in (s.strip() for s in spec.split(",")):
         name, eq, value = item.partition("=")
         name = name.strip()
-        if not eq or name not in MESH_AXES:
-            raise ValueError(f"mesh spec {spec!r}: bad item {item!r}; expected AXIS=SIZE with AXIS in {MESH_AXES}")
-        if name in sizes or name == rest_axis:
+        if not eq or name not in known:
+            raise ValueError(f"mesh spec {spec!r}: bad item {item!r}; expected AXIS=SIZE with AXIS in {MESH_AXES}, "
+                             "or dcn_AXIS=SIZE for its size across slices")
+        if name in items:
             raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
         try:
             size = int(value)
         except ValueError:
             raise ValueError(f"mesh spec {spec!r}: size of {name!r} must be an integer, got {value!r}") from None
-        if size == -1:
-            if rest_axis is not None:
-                raise ValueError(f"mesh spec {spec!r}: only one axis may be -1 (got {rest_axis!r} and {name!r})")
-            rest_axis = name
-        elif size < 1:
+        if size < 1 and size != -1:
             raise ValueError(f"mesh spec {spec!r}: size of {name!r} must be >= 1 or -1, got {size}")
-        else:
-            sizes[name] = size
-    fixed = math.prod(sizes.values())
-    if rest_axis is not None:
-        if num_devices % fixed:
-            raise ValueError(f"mesh spec {spec!r}: {num_devices} devices are not divisible by the fixed axes "
-                             f"(product {fixed}), so {rest_axis}=-1 has no integer size")
-        sizes[rest_axis] = num_devices // fixed
-    elif fixed != num_devices:
-        raise ValueError(f"mesh spec {spec!r}: axis sizes multiply to {fixed} but there are {num_devices} devices; "
-                         "make them match (or use -1 for one axis)")
-    return {a: sizes.get(a, 1) for a in MESH_AXES}
+        items[name] = size
+    return items
 
 
-def make_mesh(spec: str, devices=None) -> Mesh:
+def _resolve(spec: str, items: dict, names: tuple, total: int, found: str) -> tuple:
+    """The sizes of `names` (missing ones 1; at most one -1, "the rest") that multiply to `total`, which the
+    phrase `found` states for the error messages (e.g. "there are 8 devices")."""
+    sizes = {n: items[n] for n in names if n in items}
+    rest = [n for n, s in sizes.items() if s == -1]
+    if len(rest) > 1:
+        raise ValueError(f"mesh spec {spec!r}: only one axis may be -1 (got {rest[0]!r} and {rest[1]!r})")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if rest:
+        if total % fixed:
+            raise ValueError(f"mesh spec {spec!r}: {found}, not divisible by the fixed axes (product {fixed}), "
+                             f"so {rest[0]}=-1 has no integer size")
+        sizes[rest[0]] = total // fixed
+    elif fixed != total:
+        kind = "dcn_ sizes" if names[0].startswith(DCN) else "axis sizes"
+        raise ValueError(f"mesh spec {spec!r}: {kind} multiply to {fixed} but {found}; make them match "
+                         "(or use -1 for one axis)")
+    return tuple(sizes.get(n, 1) for n in names)
+
+
+def parse_hybrid_mesh_spec(spec: str, num_devices: int, num_slices: int = 1) -> tuple[dict, dict]:
+    """'dcn_data=2,fsdp=2,tp=2' on 8 devices in 2 slices -> ({'data': 1, 'fsdp': 2, 'tp': 2}, {'data': 2,
+    'fsdp': 1, 'tp': 1}): the sizes inside one slice (ICI) and across slices (DCN). The dcn_ sizes must multiply
+    to `num_slices` and the plain ones to the devices of one slice; each group may have one -1 ("the rest").
+
+    Raises ValueError naming the spec and what was expected when an axis is unknown or repeated, a size is not
+    an integer >= 1 (or -1), the devices do not split into `num_slices` equal slices, or a product is off.
+    """
+    items = _parse_items(spec)
+    if num_devices % num_slices:
+        raise ValueError(f"mesh spec {spec!r}: {num_devices} devices do not split into {num_slices} equal slices")
+    dcn = _resolve(spec, items, tuple(DCN + a for a in MESH_AXES), num_slices,
+                   f"the devices form {num_slices} slice(s) (by TPU slice_index, else one per process)")
+    per_slice = num_devices // num_slices
+    ici = _resolve(spec, items, MESH_AXES, per_slice,
+                   f"there are {per_slice} devices" + (" per slice" if num_slices > 1 else ""))
+    return dict(zip(MESH_AXES, ici)), dict(zip(MESH_AXES, dcn))
+
+
+def parse_mesh_spec(spec: str, num_devices: int, num_slices: int = 1) -> dict:
+    """'fsdp=4,tp=2' -> {'data': 1, 'fsdp': 4, 'tp': 2}: the size of each mesh axis, across slices times inside
+    one (parse_hybrid_mesh_spec; without dcn_ items simply the sizes given). One size may be -1 ("all remaining
+    devices"). Raises ValueError naming the bad item (see parse_hybrid_mesh_spec)."""
+    ici, dcn = parse_hybrid_mesh_spec(spec, num_devices, num_slices)
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def device_slice(device) -> int:
+    """The slice a device belongs to: its `slice_index` on TPU, else its process, as
+    mesh_utils.create_hybrid_device_mesh(process_is_granule=True) does. (CPU devices of a multi-process job have
+    a slice_index too, but 0 on every process, so off TPU it does not tell the slices apart.)"""
+    return device.slice_index if device.platform == "tpu" else device.process_index
+
+
+def device_slices(devices, slice_of=device_slice) -> list[list]:
+    """`devices` grouped by `slice_of(device)`, slices in key order and devices in their given order within each.
+    Raises ValueError when the slices are not all the same size (a hybrid mesh tiles equal slices)."""
+    groups = {}
+    for d in devices:
+        groups.setdefault(slice_of(d), []).append(d)
+    slices = [groups[k] for k in sorted(groups)]
+    if len({len(s) for s in slices}) > 1:
+        raise ValueError(f"devices form slices of unequal size {[len(s) for s in slices]} (keys {sorted(groups)}); "
+                         "a hybrid mesh needs equal slices")
+    return slices
+
+
+def make_mesh(spec: str, devices=None, *, slice_of=device_slice) -> Mesh:
     """A ("data", "fsdp", "tp") mesh over `devices` (default: all devices of all processes) from a spec string
-    such as "fsdp=4,tp=2", "data=2,fsdp=2,tp=2", "tp=1" (a single device) or "fsdp=-1,tp=2".
+    such as "fsdp=4,tp=2", "data=2,fsdp=2,tp=2", "tp=1" (a single device), "fsdp=-1,tp=2", or a hybrid one
+    spanning slices, "dcn_data=2,fsdp=2,tp=2" (data over 2 slices, fsdp x tp inside each).
 
-    jax.make_mesh orders the devices by the physical topology (rings on TPU), so neighbouring tp devices are
-    close. Axis types are Auto: XLA propagates shardings through the unannotated model code.
+    Plain spec: jax.make_mesh orders the devices by the physical topology (rings on TPU), so neighbouring tp
+    devices are close; it refuses devices of several TPU slices, and so does this (naming the dcn_ spelling).
+    Hybrid spec: the devices are grouped into slices by `slice_of` (default device_slice: slice_index on TPU,
+    else the process), each slice is laid out by jax.make_mesh with the plain sizes, and the slices are tiled
+    along the axes with dcn_ sizes (slice k at position k of the dcn grid, in row-major order), as
+    jax.experimental.mesh_utils.create_hybrid_device_mesh does; so the devices of one index of a dcn axis all
+    lie in one slice. Axis types are Auto: XLA propagates shardings through the unannotated model code.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = parse_mesh_spec(spec, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    if DCN not in spec:
+        sizes = parse_mesh_spec(spec, len(devices))
+        tpu_slices = {d.slice_index for d in devices if d.platform == "tpu"}
+        if len(tpu_slices) > 1:
+            raise ValueError(f"mesh spec {spec!r}: the devices span {len(tpu_slices)} TPU slices; put an axis "
+                             f"across them, e.g. 'dcn_data={len(tpu_slices)},...' (data parallel over DCN)")
+        return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto, devices=devices)
+    slices = device_slices(devices, slice_of)
+    ici, dcn = parse_hybrid_mesh_spec(spec, len(devices), len(slices))
+    ici_shape, dcn_shape = tuple(ici[a] for a in MESH_AXES), tuple(dcn[a] for a in MESH_AXES)
+    blocks = np.empty(dcn_shape, dtype=object)
+    for k, index in enumerate(np.ndindex(*dcn_shape)):
+        blocks[index] = jax.make_mesh(ici_shape, MESH_AXES, axis_types=auto, devices=slices[k]).devices
+    return Mesh(np.block(blocks.tolist()), MESH_AXES, axis_types=auto)
 
 
 def _mesh_size(mesh: Mesh, axis) -> int:

@@ -1,7 +1,8 @@
 """Sharding tests on the fake 8-device CPU mesh (tests/conftest.py): a sharded forward, LoRA gradient and AdamW
 step (with the activation constraints of a ShardingCtx), chunked log-probs, a prefill and generation equal the
 single-device results; the constraints are in the lowered program, one per block boundary; params, adapters,
-optimizer state and caches carry the declared shardings; mesh spec parsing and the divisibility fallback."""
+optimizer state and caches carry the declared shardings; mesh spec parsing (plain and hybrid multi-slice), the
+hybrid mesh's device order, and the divisibility fallback."""
 
 import dataclasses
 import functools
@@ -203,6 +204,73 @@ def test_mesh_spec_parsing_and_errors():
             sh.make_mesh(spec)
     with pytest.raises(ValueError, match="logical axis 'bogus' has no sharding rule"):
         sh.logical_to_spec(("bogus",), (8,), sh.make_mesh("fsdp=8"))
+
+
+def test_hybrid_mesh_spec_parsing_and_errors():
+    """dcn_ sizes across slices, plain sizes inside one; the mesh's sizes are their products."""
+    assert sh.parse_hybrid_mesh_spec("dcn_data=2,fsdp=2,tp=2", 8, 2) == (
+        {"data": 1, "fsdp": 2, "tp": 2}, {"data": 2, "fsdp": 1, "tp": 1})
+    assert sh.parse_mesh_spec("dcn_data=2,fsdp=2,tp=2", 8, 2) == {"data": 2, "fsdp": 2, "tp": 2}
+    assert sh.parse_mesh_spec("dcn_data=-1,data=2,fsdp=-1", 16, 4) == {"data": 8, "fsdp": 2, "tp": 1}
+    assert sh.parse_mesh_spec("dcn_fsdp=2,tp=4", 8, 2) == {"data": 1, "fsdp": 2, "tp": 4}
+    bad = {  # spec, devices, slices -> message
+        ("dcn_data=3,fsdp=2,tp=2", 8, 2): r"dcn_ sizes multiply to 3 but the devices form 2 slice\(s\)",
+        ("dcn_data=2,fsdp=4,tp=2", 8, 2): "axis sizes multiply to 8 but there are 4 devices per slice",
+        ("dcn_data=2,fsdp=4", 8, 1): r"dcn_ sizes multiply to 2 but the devices form 1 slice\(s\)",
+        ("dcn_data=2,fsdp=2,tp=2", 8, 3): "8 devices do not split into 3 equal slices",
+        ("dcn_data=-1,dcn_tp=-1,fsdp=4", 8, 2): "only one axis may be -1 .got 'dcn_data' and 'dcn_tp'.",
+        ("dcn_model=2,fsdp=4", 8, 2): "bad item 'dcn_model=2'.*or dcn_AXIS=SIZE",
+        ("dcn_data=2,dcn_data=2", 8, 2): "axis 'dcn_data' given twice",
+        ("dcn_data=0,fsdp=4", 8, 2): "size of 'dcn_data' must be >= 1 or -1",
+        ("fsdp=4", 8, 2): r"dcn_ sizes multiply to 1 but the devices form 2 slice\(s\)",
+    }
+    for (spec, n, slices), message in bad.items():
+        with pytest.raises(ValueError, match=f"^mesh spec '{spec}': {message}"):
+            sh.parse_hybrid_mesh_spec(spec, n, slices)
+    with pytest.raises(ValueError, match="devices form 1 slice"):  # one CPU process: one slice
+        sh.make_mesh("dcn_data=2,fsdp=2,tp=2")
+    with pytest.raises(ValueError, match=r"slices of unequal size \[5, 3\]"):
+        sh.make_mesh("dcn_data=2,fsdp=2,tp=2", slice_of=lambda d: int(d.id >= 5))
+
+
+@pytest.mark.parametrize("spec, dcn_axis", [("dcn_data=2,fsdp=2,tp=2", 0), ("dcn_fsdp=2,data=2,tp=2", 1),
+                                            ("dcn_data=4,tp=2", 0)])
+def test_hybrid_mesh_puts_each_slice_on_one_dcn_index(spec, dcn_axis):
+    """Slices made up by a function of the device (interleaved ids, so the order differs from the plain mesh's):
+    every sub-mesh at one index of the dcn axis holds exactly one slice's devices, in slice order."""
+    n_slices = 4 if "dcn_data=4" in spec else 2
+
+    def slice_of(device):
+        return device.id % n_slices
+
+    mesh = sh.make_mesh(spec, slice_of=slice_of)
+    assert dict(mesh.shape) == sh.parse_mesh_spec(spec, 8, n_slices)
+    assert tuple(mesh.axis_names) == sh.MESH_AXES
+    for k in range(n_slices):
+        sub = np.take(mesh.devices, k, axis=dcn_axis)
+        assert sorted(d.id for d in sub.flat) == list(range(k, 8, n_slices))
+    # Rows of the batch (data x fsdp) a slice holds are one contiguous block when the data axis spans slices.
+    if dcn_axis == 0:
+        tokens = sh.global_batch(np.arange(8 * 2, dtype=np.int32).reshape(8, 2), mesh)
+        per_slice = 8 // n_slices
+        for shard in tokens.addressable_shards:
+            k = slice_of(shard.device)
+            rows = range(8)[shard.index[0]]
+            assert rows.start >= k * per_slice and rows.stop <= (k + 1) * per_slice, (k, rows)
+
+
+def test_device_slices_use_tpu_slice_index():
+    """On a TPU pod the slices come from slice_index (stand-in TPU devices here), not from the process (2 hosts
+    a slice); a plain spec over several TPU slices is refused with the dcn_ spelling to use."""
+    from types import SimpleNamespace
+
+    devices = [SimpleNamespace(id=i, platform="tpu", process_index=i // 2, slice_index=i // 4) for i in range(8)]
+    assert [[d.id for d in s] for s in sh.device_slices(devices)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sh.device_slice(jax.devices()[3]) == 0  # a CPU device: its process
+    with pytest.raises(ValueError, match=r"^mesh spec 'fsdp=8': the devices span 2 TPU slices; .*'dcn_data=2,"):
+        sh.make_mesh("fsdp=8", devices=devices)
+    with pytest.raises(ValueError, match="dcn_ sizes multiply to 4 but the devices form 2 slice"):
+        sh.make_mesh("dcn_data=4,tp=2", devices=devices)
 
 
 def _constraints(fn, *args):
