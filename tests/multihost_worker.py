@@ -6,14 +6,19 @@ jax.distributed over gloo:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/multihost_worker.py PORT PROCESS_ID OUT_DIR
 
-Each process feeds only its own half of the batch rows; process 0 writes the trained adapters to OUT_DIR.
+It trains once on each mesh of MESHES: the plain spec over all 8 devices, and the hybrid one with each process
+as one slice (data across the two, fsdp x tp inside each). Each process feeds only its own half of the batch
+rows; process 0 writes the trained adapters to OUT_DIR/NAME.
 """
 
+import os
 import sys
 
 import numpy as np
 
+# The reference mesh (one process) and the specs two processes train on: all must give the same adapters.
 MESH = "data=2,fsdp=2,tp=2"
+MESHES = {"plain": MESH, "hybrid": "dcn_data=2,fsdp=2,tp=2"}
 RANK, ALPHA, STEPS, LR = 4, 8.0, 3, 1e-2
 
 
@@ -67,15 +72,22 @@ def main(argv):
     import jax
 
     assert (index, count) == (process_id, 2) and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
-    mesh = sh.make_mesh(MESH)
-    rows = batch_rows()[4 * process_id: 4 * process_id + 4]
-    lora, losses = train(mesh, rows)
+    from jax.experimental import mesh_utils
 
     from gemma_jax.config import TINY
     from lora import save_adapters
 
-    save_adapters(out_dir, lora, TINY, extra={"losses": losses, "process_count": count})  # process 0 writes
-    print(f"process {process_id}: losses {losses}", flush=True)
+    rows = batch_rows()[4 * process_id: 4 * process_id + 4]
+    for name, spec in MESHES.items():
+        mesh = sh.make_mesh(spec)
+        if name == "hybrid":  # the same device order as JAX's own hybrid mesh, each process (slice) one data index
+            expected = mesh_utils.create_hybrid_device_mesh((1, 2, 2), (2, 1, 1), process_is_granule=True)
+            assert (mesh.devices == expected).all(), (mesh.devices, expected)
+        data_processes = [sorted({d.process_index for d in mesh.devices[i].flat}) for i in range(2)]
+        lora, losses = train(mesh, rows)
+        extra = {"losses": losses, "process_count": count, "spec": spec, "data_processes": data_processes}
+        save_adapters(os.path.join(out_dir, name), lora, TINY, extra=extra)  # process 0 writes
+        print(f"process {process_id}: {name} losses {losses}", flush=True)
     jax.distributed.shutdown()
     return 0
 

@@ -1,6 +1,7 @@
 """Multi-host on one machine: two processes (4 fake CPU devices each) joined with jax.distributed over gloo form
-one 8-device mesh, train the tiny model's LoRA for a few sharded AdamW steps, and process 0 writes the adapters.
-They must equal the same training run in this single process on 8 devices."""
+one 8-device mesh, train the tiny model's LoRA for a few sharded AdamW steps, and process 0 writes the adapters;
+once on the plain mesh spec, once on the hybrid one (each process one slice: data across them over "DCN", fsdp x
+tp inside). Both must equal the same training run in this single process on 8 devices and the plain mesh."""
 
 import os
 import socket
@@ -45,7 +46,7 @@ def _run_two_processes(out_dir):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
-    from multihost_worker import MESH, batch_rows, train
+    from multihost_worker import MESH, MESHES, batch_rows, train
 
     from gemma_jax import sharding as sh
     from gemma_jax.config import TINY
@@ -53,18 +54,20 @@ def test_two_processes_train_like_one(tmp_path):
 
     out_dir = str(tmp_path / "adapters")
     outputs = _run_two_processes(out_dir)
-    assert "process 1: losses" in outputs[1]
+    assert "process 1: hybrid losses" in outputs[1]
 
     assert len(jax.devices()) == 8
     ref_lora, ref_losses = train(sh.make_mesh(MESH), batch_rows())
-    got = load_adapters(out_dir, TINY)
-    meta = read_adapter_meta(out_dir)
-    assert meta["extra"]["process_count"] == 2
-    np.testing.assert_allclose(meta["extra"]["losses"], ref_losses, rtol=0, atol=1e-5)
     assert ref_losses[-1] < ref_losses[0]  # the steps really trained
-    for name, ab in got.layers.items():
-        for k in ("a", "b"):
-            ref = np.asarray(ref_lora.layers[name][k])
-            assert np.abs(np.asarray(ab[k]) - ref).max() <= 1e-5, (name, k)
-    # B started at zero: the comparison covers real updates, not the initial values.
-    assert np.abs(np.asarray(got.layers["q"]["b"])).max() > 1e-3
+    for name, spec in MESHES.items():
+        got = load_adapters(os.path.join(out_dir, name), TINY)
+        meta = read_adapter_meta(os.path.join(out_dir, name))["extra"]
+        assert (meta["process_count"], meta["spec"]) == (2, spec)
+        assert meta["data_processes"] == [[0], [1]]  # each data index (slice) lies within one process
+        np.testing.assert_allclose(meta["losses"], ref_losses, rtol=0, atol=1e-5, err_msg=name)
+        for layer, ab in got.layers.items():
+            for k in ("a", "b"):
+                ref = np.asarray(ref_lora.layers[layer][k])
+                assert np.abs(np.asarray(ab[k]) - ref).max() <= 1e-5, (name, layer, k)
+        # B started at zero: the comparison covers real updates, not the initial values.
+        assert np.abs(np.asarray(got.layers["q"]["b"])).max() > 1e-3
