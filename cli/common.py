@@ -73,7 +73,7 @@ def parser(prog: str, doc: str, *, train: bool = False, data: bool = True) -> ar
     a("--dtype", choices=("float32", "bfloat16"), help="base weight dtype (default: the checkpoint's)")
     if data:
         a("--data", nargs="+", help="data files (CSV, JSONL or parquet)")
-    a("--mesh", help="device mesh, e.g. fsdp=4,tp=2 (default: one device)")
+    a("--mesh", help="device mesh, e.g. fsdp=4,tp=2; across slices dcn_data=2,fsdp=4,tp=2 (default: one device)")
     a("--seed", type=int, default=0, help="seed of sampling, data order and adapter init (default: 0)")
     a("--debug", action="store_true", help="show the Python traceback of an input error")
     if train:
