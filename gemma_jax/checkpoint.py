@@ -1,5 +1,5 @@
 """Checkpoint I/O: Hugging Face safetensors folders and Kaggle Flax/orbax Gemma checkpoints (load and save),
-Gemma 1, 2 and 3 (text; the text tower of the multimodal Gemma 3 releases).
+Gemma 1, 2, 3 and 4 (text; the text tower of the multimodal Gemma 3 and 4 releases).
 
 Both loaders fill preallocated stacked numpy arrays one tensor (HF) or one layer (Kaggle) at a time, so peak host
 memory is about one model plus one tensor, then hand the arrays to JAX leaf by leaf. Every tensor is checked: a
@@ -45,6 +45,28 @@ save_kaggle writes what Tunix reads: cfg.vocab_size embedding rows (no padding),
 Gemma then expects the fused weight), gating [2,D,F] for Gemma 1 / 2 (the layout Tunix assigns untransposed) and
 [2,F,D] for Gemma 3 (its upstream layout, which Tunix's Gemma 3 mapping transposes; [2,D,F] when D == F, so that
 load_kaggle reads it back, decision 2).
+
+Gemma 4 (Tunix 0.1.7 `tunix/models/gemma4/params.py` create_model_from_checkpoint: map_from_upstream_checkpoint
+renames a few leaves, then every name and shape must be one of its Gemma4 model's; `_kaggle4_name_map`). Per
+layer i (transformer/layer_{i}/) in that layer's own shapes (gemma_jax.model.layer_kinds):
+    attn/q_einsum/w [N,D,H];  attn/kv_einsum/w [2,K,D,H], or attn/k_einsum/w [K,D,H] on k = v global layers
+    attn/attn_vec_einsum/w [N,H,D];  attn/_query_norm/scale, attn/_key_norm/scale [H]  (also read: query_norm)
+    mlp/gating_einsum/w [2,F,D] (always: Tunix transposes each half);  mlp/linear/w [F,D]
+    {pre_attention_norm, post_attention_norm, pre_ffw_norm, post_ffw_norm}/scale [D];  skip_scale [1] (layer scalar)
+    PLE: per_layer_input_gate/w [D,P], per_layer_projection/w [P,D], post_per_layer_input_norm/scale [D]
+    MoE: moe/router_logits [D,E], moe/router_scale [D], moe/per_expert_scale [E], moe/gating_einsum [E,2,M,D],
+         moe/linear [E,M,D], dense_post_ffw_norm/scale, moe_pre_ffw_norm/scale, moe_post_ffw_norm/scale [D]
+and transformer/embedder/per_layer_embeddings [Vp,L,P] (also read: per_layer_input_embedding),
+per_layer_model_projection/w [D,L,P], per_layer_projection_norm/scale [P]; embedding [V,D] and final norm as above.
+Gemma 4 decisions: (5) Tunix's model holds k/v weights and a key norm in KV-shared layers that it never reads;
+save_kaggle writes them as zeros, load_kaggle checks their shapes if present and does not read them. A config
+without layer scalars writes skip_scale as ones (Tunix multiplies by it), and load_kaggle refuses one that is not
+all ones. (6) The layer pattern, KV sharing, window, RoPE and softcap are not in the shapes: save_kaggle writes the
+config's fields as gemma_config.json next to the tensors (Tunix ignores it), which load_kaggle reads when no cfg is
+given; without it the config is the GEMMA4_* preset with exactly the checkpoint's names and shapes, else pass cfg.
+(7) Tunix's MoE routes from the pre_moe-normed residual, we (as transformers) from the residual: the files are the
+same, the two models' logits agree only when pre_moe_norm's scale is constant (tests/test_gemma4_kaggle.py).
+Leaves outside the text model (vision/audio parts of the multimodal releases) are skipped with one printed line.
 """
 
 import dataclasses
@@ -68,6 +90,11 @@ from gemma_jax.config import (
     GEMMA3_12B,
     GEMMA3_27B,
     GEMMA3_270M,
+    GEMMA4_12B,
+    GEMMA4_26B_A4B,
+    GEMMA4_31B,
+    GEMMA4_E2B,
+    GEMMA4_E4B,
     GemmaConfig,
     config_from_hf,
     config_to_hf,
@@ -623,6 +650,8 @@ def load_kaggle(path, cfg: GemmaConfig | None = None, dtype=None) -> tuple[Gemma
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Kaggle/orbax checkpoint folder not found: {path}")
     leaves = _orbax_leaves(path)
+    if (cfg is None and _KAGGLE4_MARKER in leaves) or (cfg is not None and cfg.layer_list):
+        return _load_kaggle4(path, _kaggle4_leaves(leaves, path), cfg, dtype)
     if cfg is None:
         cfg = _infer_kaggle_config(leaves, path)
     cfg = dataclasses.replace(cfg, param_dtype=_dtype_name(dtype) or cfg.param_dtype)
@@ -662,6 +691,8 @@ def save_kaggle(path, cfg: GemmaConfig, params: dict) -> None:
     dtype. Host memory: one numpy copy of the model, which orbax writes in one go."""
     path = os.path.abspath(os.fspath(path))  # orbax wants absolute paths
     _check_params(cfg, params)
+    if cfg.layer_list:
+        return _save_kaggle4(path, cfg, params)
     tree = {"transformer/embedder": {"input_embedding": np.asarray(params["embed"])},
             "transformer/final_norm": {"scale": np.asarray(params["final_norm"])}}
     for i in range(cfg.num_layers):
@@ -671,6 +702,202 @@ def save_kaggle(path, cfg: GemmaConfig, params: dict) -> None:
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(path, tree)
     ckpt.wait_until_finished()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kaggle Flax / orbax, Gemma 4 (the layout Tunix's `tunix/models/gemma4/params.py` map_from_upstream_checkpoint
+# reads; names and shapes in the module docstring)
+
+_KAGGLE4_MARKER = "transformer/layer_0/skip_scale"  # every Gemma 4 layer has one in Tunix's model
+KAGGLE4_CONFIG = "gemma_config.json"  # save_kaggle's GemmaConfig fields next to the tensors (Gemma 4 only)
+# Other spellings Tunix's mapper accepts for the same tensors -> the names we write.
+_KAGGLE4_ALIASES = {"/attn/query_norm/": "/attn/_query_norm/", "/attn/key_norm/": "/attn/_key_norm/",
+                    "transformer/embedder/per_layer_input_embedding": "transformer/embedder/per_layer_embeddings"}
+
+
+def _kaggle4_name_map(cfg: GemmaConfig) -> dict:
+    """The one Gemma 4 Kaggle name map: name -> (our keys, layer index or None, Kaggle shape, layout). Layouts:
+    same; heads: ours [D,K,H] <-> [K,D,H]; kv: ours (k, v) <-> [2,K,D,H]; gating: ours (gate [D,F], up [D,F]) <->
+    [2,F,D]; experts: ours [E,D,2,M] <-> [E,2,M,D]; ones: a tensor Tunix's model uses that our config does not
+    have (skip_scale without layer scalars), written as ones and read back only if it is all ones; unused: the
+    k/v projections and key norm Tunix's model holds in KV-shared layers but never reads, written as zeros and
+    optional on read."""
+    D, N, P, L, V = cfg.embed_dim, cfg.num_heads, cfg.per_layer_input_dim, cfg.num_layers, cfg.vocab_size
+    out = {"transformer/embedder/input_embedding": (("embed",), None, (V, D), "same"),
+           "transformer/final_norm/scale": (("final_norm",), None, (D,), "same")}
+    if P:
+        out.update({
+            "transformer/embedder/per_layer_embeddings": (("per_layer_embed",), None,
+                                                          (cfg.per_layer_vocab_size or V, L, P), "same"),
+            "transformer/embedder/per_layer_model_projection/w": (("per_layer_proj",), None, (D, L, P), "same"),
+            "transformer/embedder/per_layer_projection_norm/scale": (("per_layer_proj_norm",), None, (P,), "same")})
+    for i, kind in enumerate(layer_kinds(cfg)):
+        H, K, F = kind.head_dim, kind.kv_heads, kind.hidden
+        kv_name, kv_shape = ("attn/k_einsum/w", (K, D, H)) if kind.k_eq_v else ("attn/kv_einsum/w", (2, K, D, H))
+        if kind.has_kv:
+            kv = (("k",), kv_shape, "heads") if kind.k_eq_v else (("k", "v"), kv_shape, "kv")
+            key_norm = (("k_norm",), (H,), "same")
+        else:
+            kv, key_norm = ((), kv_shape, "unused"), ((), (H,), "unused")
+        names = {"attn/q_einsum/w": (("q",), (N, D, H), "heads"), kv_name: kv,
+                 "attn/attn_vec_einsum/w": (("o",), (N, H, D), "same"),
+                 "attn/_query_norm/scale": (("q_norm",), (H,), "same"), "attn/_key_norm/scale": key_norm,
+                 "mlp/gating_einsum/w": (("gate", "up"), (2, F, D), "gating"),
+                 "mlp/linear/w": (("down",), (F, D), "same"),
+                 "pre_attention_norm/scale": (("attn_norm",), (D,), "same"),
+                 "post_attention_norm/scale": (("post_attn_norm",), (D,), "same"),
+                 "pre_ffw_norm/scale": (("ffw_norm",), (D,), "same"),
+                 "post_ffw_norm/scale": (("post_ffw_norm",), (D,), "same"),
+                 "skip_scale": (("layer_scalar",), (1,), "same") if cfg.use_layer_scalar else ((), (1,), "ones")}
+        if P:
+            names.update({"per_layer_input_gate/w": (("ple_gate",), (D, P), "same"),
+                          "per_layer_projection/w": (("ple_proj",), (P, D), "same"),
+                          "post_per_layer_input_norm/scale": (("ple_norm",), (D,), "same")})
+        if cfg.num_experts:
+            E, M = cfg.num_experts, cfg.moe_hidden_dim
+            names.update({"moe/router_logits": (("router",), (D, E), "same"),
+                          "moe/router_scale": (("router_scale",), (D,), "same"),
+                          "moe/per_expert_scale": (("per_expert_scale",), (E,), "same"),
+                          "moe/gating_einsum": (("experts_gate_up",), (E, 2, M, D), "experts"),
+                          "moe/linear": (("experts_down",), (E, M, D), "same"),
+                          "dense_post_ffw_norm/scale": (("post_mlp_norm",), (D,), "same"),
+                          "moe_pre_ffw_norm/scale": (("pre_moe_norm",), (D,), "same"),
+                          "moe_post_ffw_norm/scale": (("post_moe_norm",), (D,), "same")})
+        out.update({f"transformer/layer_{i}/{n}": (ours, i, shape, layout)
+                    for n, (ours, shape, layout) in names.items()})
+    return out
+
+
+def _to_kaggle4(xs: list, layout: str, shape: tuple, dtype) -> np.ndarray:
+    """Our arrays `xs` (the map's keys, in order) -> the Kaggle tensor of `layout` (see _kaggle4_name_map)."""
+    if layout in ("ones", "unused"):
+        return (np.ones if layout == "ones" else np.zeros)(shape, dtype)
+    if layout == "heads":
+        return xs[0].transpose(1, 0, 2)
+    if layout == "kv":
+        return np.stack([x.transpose(1, 0, 2) for x in xs])
+    if layout == "gating":
+        return np.stack([x.T for x in xs])
+    return xs[0].transpose(0, 2, 3, 1) if layout == "experts" else xs[0]
+
+
+def _from_kaggle4(w: np.ndarray, layout: str) -> tuple:
+    """The Kaggle tensor w -> our arrays (the map's keys, in order): the inverse of _to_kaggle4."""
+    if layout == "heads":
+        return (w.transpose(1, 0, 2),)
+    if layout == "kv":
+        return tuple(x.transpose(1, 0, 2) for x in w)
+    if layout == "gating":
+        return tuple(x.T for x in w)
+    return (w.transpose(0, 3, 1, 2),) if layout == "experts" else (w,)
+
+
+def _kaggle4_leaves(leaves: dict, path: str) -> dict:
+    """The checkpoint's leaves under the names we write (Tunix's aliases renamed); leaves outside the text model
+    (not under transformer/layer_*, transformer/final_norm or the embedder's PLE: Gemma 4's vision/audio parts,
+    as Tunix prunes them) are dropped with one printed line."""
+    out, skipped = {}, 0
+    for name, leaf in leaves.items():
+        for old, new in _KAGGLE4_ALIASES.items():
+            name = name.replace(old, new)
+        text = name.startswith(("transformer/layer_", "transformer/final_norm/")) or name in (
+            "transformer/embedder/input_embedding", "transformer/embedder/per_layer_embeddings") or name.startswith(
+            ("transformer/embedder/per_layer_model_projection/", "transformer/embedder/per_layer_projection_norm/"))
+        if text:
+            out[name] = leaf
+        else:
+            skipped += 1
+    if skipped:
+        print(f"load_kaggle: {path}: Gemma 4, skipped {skipped} tensors outside the text model")
+    return out
+
+
+def _check_kaggle4_leaves(leaves: dict, cfg: GemmaConfig, path: str) -> dict:
+    """Every name of _kaggle4_name_map(cfg) present (unused ones may be absent) with its shape and a float dtype,
+    and nothing else; returns the map."""
+    expected = _kaggle4_name_map(cfg)
+    unknown = sorted(n for n in leaves if n not in expected)
+    if unknown:
+        raise ValueError(f"{path}: unknown tensor(s) {unknown[:5]} for this Gemma 4 config")
+    missing = [n for n, (_, _, _, layout) in expected.items() if n not in leaves and layout != "unused"]
+    if missing:
+        raise ValueError(f"{path}: missing tensor(s) {missing[:5]} for this Gemma 4 config")
+    for name, (_, shape, dtype) in leaves.items():
+        if dtype not in _FLOAT_NAMES:
+            raise ValueError(f"tensor {name!r} in {path}: dtype {dtype} not supported (float32, bfloat16, float16)")
+        if shape != expected[name][2]:
+            raise ValueError(f"tensor {name!r} in {path}: shape {shape}, expected {expected[name][2]} for this "
+                             "Gemma 4 config")
+    return expected
+
+
+def _same_shapes(leaves: dict, cfg: GemmaConfig) -> bool:
+    expected = _kaggle4_name_map(cfg)
+    return all(n in expected and leaves[n][1] == expected[n][2] for n in leaves) and all(
+        n in leaves for n, e in expected.items() if e[3] != "unused")
+
+
+def _infer_kaggle4_config(leaves: dict, path: str) -> GemmaConfig:
+    """Gemma 4's config: the one save_kaggle wrote next to the tensors, else the GEMMA4_* preset whose every
+    tensor name and shape the checkpoint has (module docstring, decision 5)."""
+    dtype = leaves["transformer/embedder/input_embedding"][2]
+    written = os.path.join(path, KAGGLE4_CONFIG)
+    if os.path.exists(written):
+        with open(written) as f:
+            fields = json.load(f)
+        try:
+            return GemmaConfig(**{**fields, "param_dtype": dtype})
+        except TypeError as e:  # an unknown or missing field
+            raise ValueError(f"{written}: not a GemmaConfig ({e})") from None
+    for preset in (GEMMA4_E2B, GEMMA4_E4B, GEMMA4_12B, GEMMA4_31B, GEMMA4_26B_A4B):
+        if _same_shapes(leaves, preset):
+            return dataclasses.replace(preset, param_dtype=dtype)
+    raise ValueError(f"{path}: a Gemma 4 checkpoint whose tensor shapes match no GEMMA4_* preset and no "
+                     f"{KAGGLE4_CONFIG}; pass cfg (the layer pattern, KV sharing, window and RoPE are not in the "
+                     "shapes)")
+
+
+def _load_kaggle4(path: str, leaves: dict, cfg: GemmaConfig | None, dtype) -> tuple[GemmaConfig, dict]:
+    """load_kaggle for Gemma 4: checked against the name map, restored one layer at a time."""
+    if cfg is None:
+        cfg = _infer_kaggle4_config(leaves, path)
+    cfg = dataclasses.replace(cfg, param_dtype=_dtype_name(dtype) or cfg.param_dtype)
+    expected = _check_kaggle4_leaves(leaves, cfg, path)
+    params = _empty_params(cfg)
+    by_layer = {}
+    for name, (_, i, _, layout) in expected.items():
+        if name in leaves and layout != "unused":
+            by_layer.setdefault(i, []).append(name)
+    for i, names in by_layer.items():
+        stored = _restore(path, leaves, names)
+        for name in names:
+            ours, _, _, layout = expected[name]
+            if layout == "ones":
+                if not np.all(stored[name] == 1):
+                    raise ValueError(f"tensor {name!r} in {path}: not all ones, but the config has no layer scalars "
+                                     "(use_layer_scalar False)")
+                continue
+            target = params if i is None else params["layers"][i]
+            for key, x in zip(ours, _from_kaggle4(stored[name], layout)):
+                target[key][...] = x
+    return cfg, _to_jax(params)
+
+
+def _save_kaggle4(path: str, cfg: GemmaConfig, params: dict) -> None:
+    """save_kaggle for Gemma 4: every tensor of the name map, then the config as KAGGLE4_CONFIG."""
+    tree = {}
+    for name, (ours, i, shape, layout) in _kaggle4_name_map(cfg).items():
+        source = params if i is None else params["layers"][i]
+        xs = [np.asarray(source[k]) for k in ours]
+        arr = _to_kaggle4(xs, layout, shape, np.asarray(params["embed"]).dtype)
+        assert arr.shape == shape, (name, arr.shape, shape)
+        module, leaf = name.rsplit("/", 1)
+        tree.setdefault(module, {})[leaf] = arr
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path, tree)
+    ckpt.wait_until_finished()
+    with open(os.path.join(path, KAGGLE4_CONFIG), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)  # every field: transformers' config.json cannot say all
 
 
 # ----------------------------------------------------------------------------------------------------------------

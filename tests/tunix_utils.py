@@ -152,7 +152,8 @@ def to_tunix_gemma3(params, cfg):
 
 
 def tunix_gemma4_config(cfg):
-    """Tunix's Gemma 4 ModelConfig (dense text, float32) for our config, refusing what Tunix cannot express.
+    """Tunix's Gemma 4 ModelConfig (text, float32; with cfg.num_experts its MoE) for our config, refusing what Tunix
+    cannot express.
 
     Tunix always has w-scaled norms with eps 1e-6, the value norm, attention scale 1 and no attention softcap;
     its PLE table has the main vocabulary's rows; local layers rotate every angle; KV-shared layers read layer
@@ -177,6 +178,8 @@ def tunix_gemma4_config(cfg):
         override_kv_shared_ffw_hidden=2 * cfg.hidden_dim if cfg.double_wide_mlp else None,
         local_base_frequency=int(cfg.rope_local_base), global_base_frequency=int(cfg.rope_base),
         global_scale_factor=cfg.rope_scaling, param_dtype=jnp.float32,
+        enable_moe=bool(cfg.num_experts), num_experts=cfg.num_experts or None,
+        num_experts_per_tok=cfg.top_k_experts or None, expert_dim=cfg.moe_hidden_dim or None,
     )
     sources = tunix_gemma4.create_kv_cache_sharing_patterns(
         cfg.num_layers, tcfg.frac_shared_layers, True, True, tcfg.attention_pattern)
