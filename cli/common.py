@@ -18,6 +18,7 @@ import types
 import typing
 
 import gemma_jax
+from gemma_jax.sampler import DECODE_WEIGHTS
 from gemma_jax.sharding import make_mesh
 from lora.io import load_adapters
 from train.state import CheckpointMismatchError
@@ -89,6 +90,13 @@ def parser(prog: str, doc: str, *, train: bool = False, data: bool = True) -> ar
     else:
         a("--adapters", help="LoRA adapters folder (saved by the sft/grpo stages) to apply")
     return p
+
+
+def add_decode_weights_flag(p: argparse.ArgumentParser) -> None:
+    """--decode-weights for the commands that decode (generate, eval); GRPO's comes from its GRPOHParams field."""
+    p.add_argument("--decode-weights", choices=DECODE_WEIGHTS, default="auto",
+                   help="per_layer: decode from a per-layer copy of the weights; stacked: from the stacked weights, "
+                        "no copy; auto (default): per_layer on a CPU, else stacked")
 
 
 def _field_comments(cls) -> dict:

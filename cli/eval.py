@@ -1,6 +1,7 @@
 """`python run.py --stage eval`: greedy metrics of a model (+ adapters) on held-out RL records.
 
     python run.py --stage eval --base BASE [--adapters DIR] --data FILE [--tokenizer PATH] [--limit N]
+        [--decode-weights auto|per_layer|stacked]
 
 Prints strict_format_rate, math_accuracy, general_exact_match, prob_reward_mean, completion_len_mean
 (grpo/evaluate.py).
@@ -8,7 +9,7 @@ Prints strict_format_rate, math_accuracy, general_exact_match, prob_reward_mean,
 
 import sys
 
-from cli.common import check_files, load_model, mesh_from_args, need, parser, run_cli
+from cli.common import add_decode_weights_flag, check_files, load_model, mesh_from_args, need, parser, run_cli
 from cli.grpo import load_rl_records
 from data.rl import CONVERTERS
 from grpo.evaluate import evaluate
@@ -28,6 +29,7 @@ def build_parser():
       help="completion budget (default: %(default)s)")
     a("--batch-size", type=int, default=8, help="prompts decoded together (default: %(default)s)")
     a("--limit", type=int, default=None, help="evaluate the first N records only")
+    add_decode_weights_flag(p)
     a("--samples", default=None, help="write every prompt, reference and completion to this text file")
     return p
 
@@ -40,7 +42,8 @@ def main(argv=None) -> int:
     mesh_from_args(args.mesh)  # validated; evaluation runs on the default device placement
     records = load_rl_records(args.data, tokenizer, kind=args.data_kind, limit=args.limit)
     m = evaluate(params, cfg, lora, records, tokenizer, max_prompt_tokens=args.max_prompt_tokens,
-                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples_path=args.samples)
+                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples_path=args.samples,
+                 decode_weights=args.decode_weights)
     print(f"{'metric':<22}{'value':>10}")
     for k in KEYS:
         print(f"{k:<22}{m[k]:>10.4f}" if isinstance(m[k], float) else f"{k:<22}{m[k]:>10}")

@@ -10,8 +10,8 @@ Default decoding is greedy (temperature 0). Generation stops at the tokenizer's 
 import sys
 import time
 
-from cli.common import load_model, need, parser, run_cli
-from gemma_jax.sampler import DECODE_WEIGHTS, generate
+from cli.common import add_decode_weights_flag, load_model, need, parser, run_cli
+from gemma_jax.sampler import generate
 
 
 def build_parser():
@@ -25,8 +25,7 @@ def build_parser():
     a("--top-p", type=float, default=None, help="nucleus threshold in (0, 1] (default: no filter)")
     a("--max-new-tokens", type=int, default=256, help="completion budget (default: %(default)s)")
     a("--num-samples", type=int, default=1, help="completions to sample (default: 1)")
-    a("--decode-weights", choices=DECODE_WEIGHTS, default="auto", help="per_layer: decode from a per-layer copy of "
-      "the weights; stacked: from the stacked weights, no copy; auto (default): per_layer on a CPU, else stacked")
+    add_decode_weights_flag(p)
     return p
 
 

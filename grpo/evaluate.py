@@ -19,17 +19,18 @@ from rewards.router import reward_type
 
 def evaluate(params, cfg, lora, records, tokenizer, *, hp=None, max_prompt_tokens: int = 256,
              max_new_tokens: int = 768, batch_size: int = 8, samples_path: str | None = None,
-             return_texts: bool = False):
-    """The module docstring's metrics over `records` (hp, when given, sets the prompt and generation budgets).
-    With return_texts: (metrics, the greedy completions in record order)."""
+             return_texts: bool = False, decode_weights: str = "auto"):
+    """The module docstring's metrics over `records` (hp, when given, sets the prompt and generation budgets and
+    the sampler's decode_weights). With return_texts: (metrics, the greedy completions in record order)."""
     if hp is not None:
         max_prompt_tokens, max_new_tokens = hp.max_prompt_tokens, hp.max_new_tokens
+        decode_weights = hp.decode_weights
     prompts = [prompt_ids(r, tokenizer, max_prompt_tokens) for r in records]
     texts, lengths = [], []
     for s in range(0, len(prompts), batch_size):
         out = generate(params, cfg, prompts[s:s + batch_size], max_new_tokens=max_new_tokens, temperature=0.0,
                        lora=lora, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                       prompt_bucket=bucket_length(max_prompt_tokens))
+                       prompt_bucket=bucket_length(max_prompt_tokens), decode_weights=decode_weights)
         texts += [tokenizer.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
         lengths += out.lengths.tolist()
     if samples_path:

@@ -401,3 +401,36 @@ def test_generate_cli_prints_the_greedy_completion(params, tokenizer, tokenizer_
     ids = tokenizer.encode_chat("what is 3 plus 9?", "Be brief.")
     expected = generate(params, g.TINY, [ids], max_new_tokens=10, temperature=0.0, stop_ids=tokenizer.stop_ids)
     assert printed == tokenizer.decode(expected.tokens[0, : expected.lengths[0]]) + "\n"
+
+
+def test_eval_cli_decode_weights_reach_the_sampler(params, tokenizer_path, monkeypatch, tmp_path):
+    """run.py --stage eval --decode-weights stacked|per_layer: each value reaches the sampler, and both write the
+    same greedy completions (the --samples file) for a small RL CSV."""
+    import csv
+
+    import run
+    from grpo import evaluate as evaluate_mod
+
+    monkeypatch.setattr(g, "load_checkpoint", lambda path, dtype=None: (g.TINY, params))
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw["decode_weights"])
+        return generate(*args, **kw)
+
+    monkeypatch.setattr(evaluate_mod, "generate", spy)
+    data = tmp_path / "rl.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["question", "answer", "domain"])
+        w.writerows([["what is 3 plus 9?", "12", "math"], ["name a colour", "red", "general"],
+                     ["count to three", "1 2 3", "general"]])
+    texts = {}
+    for weights in ("stacked", "per_layer"):
+        out = tmp_path / f"{weights}.txt"
+        assert run.main(["--stage", "eval", "--base", str(tmp_path), "--tokenizer", tokenizer_path, "--data",
+                         str(data), "--max-new-tokens", "12", "--decode-weights", weights, "--samples",
+                         str(out)]) == 0
+        texts[weights] = out.read_text()
+    assert seen == ["stacked", "per_layer"]
+    assert texts["stacked"] == texts["per_layer"] and texts["stacked"].count("### reference:") == 3
