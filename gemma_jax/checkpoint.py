@@ -839,7 +839,7 @@ def _same_shapes(leaves: dict, cfg: GemmaConfig) -> bool:
 
 def _infer_kaggle4_config(leaves: dict, path: str) -> GemmaConfig:
     """Gemma 4's config: the one save_kaggle wrote next to the tensors, else the GEMMA4_* preset whose every
-    tensor name and shape the checkpoint has (module docstring, decision 5)."""
+    tensor name and shape the checkpoint has (module docstring, decision 6)."""
     dtype = leaves["transformer/embedder/input_embedding"][2]
     written = os.path.join(path, KAGGLE4_CONFIG)
     if os.path.exists(written):
