@@ -139,17 +139,21 @@ def make_items(n, domain, seed, exclude=frozenset()):
     return items
 
 
+CORPUS_SOLUTION = "\nSolution:\n"  # what stands between a corpus question and its worked solution (corpus_lines)
 CORPUS_ANSWER = "\nAnswer:\n"  # what stands between a corpus solution and its answer (corpus_lines)
 
 
 def corpus_lines(items):
     """Plain-prose pre-training text: the model learns the language and arithmetic, not yet the output tags.
 
-    The answer stands alone at the start of a line, as it does in the answer block ("<answer>\nTuesday\n"). The
-    tokenizer, like Gemma's, adds no dummy space, so a word at a line start is other tokens than the same word
-    after a space ("T", "uesday" against "▁Tuesday"). When the corpus wrote answers only after a space ("The answer
-    is Tuesday."), the tiny model never learned to copy a word from its reasoning into the answer block."""
-    return [f"Question: {it['question']}\nSolution: {it['reasoning']}{CORPUS_ANSWER}{it['answer']}" for it in items]
+    The solution and the answer each start a line, as they do in the completion ("<reasoning>\nCounting ...",
+    "<answer>\nTuesday\n"). The tokenizer, like Gemma's, adds no dummy space, so a word at a line start is other
+    tokens than the same word after a space ("T", "uesday" against "▁Tuesday"). When the corpus wrote answers only
+    after a space ("The answer is Tuesday."), the tiny model never learned to copy a word from its reasoning into the
+    answer block; when it wrote "Solution: Counting ...", it learned to work a task out only after a space, and at
+    the reasoning block's line start it solved 0.025 of the calendar tasks it solved 1.000 of after a space."""
+    return [f"Question: {it['question']}{CORPUS_SOLUTION}{it['reasoning']}{CORPUS_ANSWER}{it['answer']}"
+            for it in items]
 
 
 def write_all(out_dir, *, seed=0, n_sft=2000, n_rl=1000, n_eval=200, n_corpus=20000, long_share=0.2):

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data.tiny_tasks import CORPUS_ANSWER  # noqa: E402
+from data.tiny_tasks import CORPUS_ANSWER, CORPUS_SOLUTION  # noqa: E402
 from gemma_jax.config import GemmaConfig  # noqa: E402
 from gemma_jax.model import count_params, forward, init_params  # noqa: E402
 from gemma_jax.tokenizer import Tokenizer  # noqa: E402
@@ -76,7 +76,7 @@ def task_kind(question: str) -> str:
 
 
 def probe(params, cfg, tok, data_dir, *, per_kind=120):
-    """Greedy accuracy of a base model in its pre-training format (`Question: ...\nSolution:`, which always works
+    """Greedy accuracy of a base model in its pre-training format (`Question: ...\nSolution:\n`, which always works
     every step out) on the first `per_kind` held-out items of each task kind: what writing the work out gets this
     model, before any fine-tuning. Returns {kind: accuracy}."""
     import csv
@@ -91,7 +91,7 @@ def probe(params, cfg, tok, data_dir, *, per_kind=120):
     out = {}
     for kind, items in sorted(by_kind.items()):
         items = items[:per_kind]
-        prompts = [tok.encode(f"Question: {r['question']}\nSolution:", add_bos=True) for r in items]
+        prompts = [tok.encode(f"Question: {r['question']}{CORPUS_SOLUTION}", add_bos=True) for r in items]
         right = 0
         for i in range(0, len(prompts), 64):
             gen = generate(params, cfg, prompts[i:i + 64], max_new_tokens=72, temperature=0.0, stop_ids=(1,))

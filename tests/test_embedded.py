@@ -246,8 +246,9 @@ def test_make_tiny_probe_names_each_generated_question_by_its_generator():
 
 def test_corpus_answers_are_the_answer_blocks_tokens(generated):
     """The bundled tokenizer adds no dummy space (as Gemma's), so a word at a line start is other tokens than the
-    same word after a space. The pre-training corpus must put each answer where the answer block does (alone at a
-    line start), so the base learns the very tokens that SFT trains and the probability reward scores."""
+    same word after a space. The pre-training corpus must put each solution where the reasoning block does and each
+    answer where the answer block does (each at a line start), so the base learns the very tokens that SFT trains,
+    the sampler writes and the probability reward scores."""
     from gemma_jax.tokenizer import Tokenizer
     from rewards.tags import render_completion
 
@@ -257,13 +258,18 @@ def test_corpus_answers_are_the_answer_blocks_tokens(generated):
         docs = [d for d in f.read().split("\n\n") if d.strip()][:600]
     words = differ = 0
     for doc in docs:
-        assert doc.count(tiny_tasks.CORPUS_ANSWER) == 1, doc
-        answer = doc.split(tiny_tasks.CORPUS_ANSWER)[1]
-        a_ids, doc_ids = tok.encode(answer), tok.encode(doc.strip())
+        assert doc.count(tiny_tasks.CORPUS_ANSWER) == 1 and doc.count(tiny_tasks.CORPUS_SOLUTION) == 1, doc
+        solution, answer = doc.split(tiny_tasks.CORPUS_SOLUTION)[1].split(tiny_tasks.CORPUS_ANSWER)
+        a_ids, s_ids, doc_ids = tok.encode(answer), tok.encode(solution), tok.encode(doc.strip())
         assert doc_ids[-len(a_ids) - len(newline):] == newline + a_ids, doc
-        block = tok.encode(render_completion("r", answer))
+        block = tok.encode(render_completion(solution, answer))
         start = block.index(tok.encode("<answer>")[0]) + 1 + len(newline)
         assert block[start:start + len(a_ids)] == a_ids, answer
+        # The solution's tokens, in the document and in the reasoning block, are the solution's own.
+        start = block.index(tok.encode("<reasoning>")[0]) + 1 + len(newline)
+        assert block[start:start + len(s_ids)] == s_ids, solution
+        at = next(i for i in range(len(doc_ids)) if doc_ids[i:i + len(s_ids)] == s_ids)
+        assert doc_ids[at - len(newline):at] == newline, doc
         if not answer.isdigit():
             words += 1
             differ += tok.encode(" " + answer)[-len(a_ids):] != a_ids
