@@ -7,14 +7,16 @@ A benchmark, not a test: its numbers go to docs/full_size.md with the date and t
     python bench/full_size.py --config GEMMA3_1B          # Gemma 3 1B (~4 GB of weights)
     python bench/full_size.py --config GEMMA2_2B --part sft    # one part only: sft, grpo or both
     python bench/full_size.py --config TINY               # smoke run (also TINY_GEMMA3), seconds
+    python bench/full_size.py --part grpo --decode-weights stacked   # sample from the stacked weights (no copy)
 
 SFT: batch 1 x 512 tokens (the last 3/4 of the row in the loss), LoRA r32 on the default targets, remat on, through
 `sft.train.train_step`; the first call is compile + run, the second a run only. GRPO: 1 prompt x G 2, a 64-token
 prompt, 32 new tokens, beta 0.08 (the reference pass runs), through `grpo.rollout.rollout` (sampling + rewards +
-reference log-probs) and `grpo.learner.train_step` (the update), twice. The tokenizer is a small sentencepiece
-model trained here (tests/conftest.py), so nothing is downloaded. Each part runs in its own subprocess, so each
-peak RSS (VmHWM) is its own; it includes the Python + XLA runtime (the `baseline` column) and compile memory,
-which the planner does not count.
+reference log-probs) and `grpo.learner.train_step` (the update), twice; `--decode-weights` picks the sampler's
+decode weights (per_layer, the CPU default: a per-layer copy of the weights; stacked: no copy). The tokenizer is a
+small sentencepiece model trained here (tests/conftest.py), so nothing is downloaded. Each part runs in its own
+subprocess, so each peak RSS (VmHWM) is its own; it includes the Python + XLA runtime (the `baseline` column) and
+compile memory, which the planner does not count.
 """
 
 import argparse
@@ -136,8 +138,8 @@ def toy_reward(texts, records, *, prob_state, **kw):
     return r, {"toy": r}, {}, prob_state
 
 
-def grpo_worker(cfg):
-    """Two GRPO steps of 1 prompt x G 2; returns the result dict."""
+def grpo_worker(cfg, decode_weights="per_layer"):
+    """Two GRPO steps of 1 prompt x G 2, sampling with `decode_weights`; returns the result dict."""
     from conftest import train_test_tokenizer
 
     tokenizer = WideTokenizer(train_test_tokenizer(tempfile.mkdtemp(prefix="full_size_tok_")))
@@ -151,7 +153,8 @@ def grpo_worker(cfg):
     records = [{"question": "Write a short story about a cat named Tom. " * 20, "answer": "1", "domain": "general",
                 "system": "Be brief."}]
     hp = GRPOHParams(group_size=G, prompts_per_step=1, micro_batch=G, max_prompt_tokens=PROMPT_LEN,
-                     max_new_tokens=NEW_TOKENS, temperature=0.6, top_k=50, top_p=1.0, beta=0.08, lr=1e-6).check()
+                     max_new_tokens=NEW_TOKENS, temperature=0.6, top_k=50, top_p=1.0, beta=0.08, lr=1e-6,
+                     decode_weights=decode_weights).check()
     weights_rss = peak_rss_bytes()
     calls = []
     for seed in range(2):
@@ -171,15 +174,16 @@ def grpo_worker(cfg):
                       "prompt_len": int(ro["prompt"].shape[1]), "completion_width": int(ro["completion"].shape[1])})
     T = PROMPT_LEN + NEW_TOKENS
     est = memory.estimate_bytes(cfg, param_dtype="float32", lora_rank=RANK, batch=G, seq_len=T, remat=True,
-                                cache_batch=G, cache_len=T)
-    return {"calls": calls, "baseline": baseline, "weights_rss": weights_rss, "sample_peak": calls[0]["sample_rss"],
+                                cache_batch=G, cache_len=T, decode_weights=decode_weights)
+    return {"calls": calls, "decode_weights": decode_weights, "baseline": baseline, "weights_rss": weights_rss,
+            "sample_peak": calls[0]["sample_rss"],
             "peak": peak_rss_bytes(), "planner_train": est["train_total"], "planner_sample": est["sample_total"],
             "params": count_params(params)}
 
 
-def run_part(part, name):
-    res = subprocess.run([sys.executable, __file__, "--worker", part, "--config", name], capture_output=True,
-                         text=True)
+def run_part(part, name, decode_weights):
+    res = subprocess.run([sys.executable, __file__, "--worker", part, "--config", name, "--decode-weights",
+                          decode_weights], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{part} worker for {name} failed (exit {res.returncode}; -9 is the OOM killer):\n"
                            f"{res.stderr[-3000:]}")
@@ -199,7 +203,8 @@ def print_report(name, cfg, out):
         g = out["grpo"]
         c = g["calls"]
         print(f"\nGRPO step, 1 prompt x G {G}, prompt {c[0]['prompt_len']} tokens, {NEW_TOKENS} new tokens "
-              f"(completion width {c[0]['completion_width']}, mean length {c[0]['completion_len']:.0f}), beta 0.08: "
+              f"(completion width {c[0]['completion_width']}, mean length {c[0]['completion_len']:.0f}), beta 0.08, "
+              f"decode weights {g['decode_weights']}: "
               f"loss {c[0]['loss']:.4f} (first), {c[1]['loss']:.4f} (second)")
         print("| call | sampling + rewards + ref log-probs s | of it ref log-probs s | update s |\n|---|---|---|---|")
         for what, r in zip(("first (compile + run)", "second (run)"), c):
@@ -223,14 +228,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=CONFIGS, default="GEMMA2_2B")
     ap.add_argument("--part", choices=("sft", "grpo", "both"), default="both")
+    ap.add_argument("--decode-weights", choices=("per_layer", "stacked"), default="per_layer",
+                    help="GRPO: the sampler's decode weights (per_layer: a per-layer copy; stacked: none)")
     ap.add_argument("--worker", choices=("sft", "grpo"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cfg = bench_cfg(args.config)
     if args.worker:
-        print(json.dumps((sft_worker if args.worker == "sft" else grpo_worker)(cfg)))
+        out = sft_worker(cfg) if args.worker == "sft" else grpo_worker(cfg, args.decode_weights)
+        print(json.dumps(out))
         return 0
     parts = ("sft", "grpo") if args.part == "both" else (args.part,)
-    print_report(args.config, cfg, {p: run_part(p, args.config) for p in parts})
+    print_report(args.config, cfg, {p: run_part(p, args.config, args.decode_weights) for p in parts})
     return 0
 
 
