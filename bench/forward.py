@@ -1,12 +1,14 @@
 """Forward-pass benchmark: ours vs Tunix's Gemma on the same weights, same run.
 
 Rows: prefill tokens/s (B x T full forward) and one decode step with a KV cache, on TINY and MID (bench/configs.py;
-Gemma 2 or, with --model gemma3, Gemma 3 against Tunix's tunix.models.gemma3); with --full, the full-size GEMMA2_2B
-float32 forward of 1 x 64 tokens (time, compile time, peak RSS), each model in its own process so peak RSS is its
-own. Before timing, each row checks that both models give the same prefill and decode-step logits (within 1e-4).
+Gemma 2, or with --model gemma3 / gemma4 Gemma 3 / Gemma 4 against Tunix's tunix.models.gemma3 / gemma4); with
+--full, the full-size GEMMA2_2B float32 forward of 1 x 64 tokens (time, compile time, peak RSS), each model in its
+own process so peak RSS is its own. Before timing, each row checks that both models give the same prefill and
+decode-step logits (within 1e-4; MID_GEMMA4 1e-3: bench/configs.py LOGIT_TOL).
 
     python bench/forward.py                   # TINY and MID rows (~1 minute)
     python bench/forward.py --model gemma3    # TINY_GEMMA3 and MID_GEMMA3 rows
+    python bench/forward.py --model gemma4    # TINY_GEMMA4 and MID_GEMMA4 rows
     python bench/forward.py --full            # adds the 2B rows (~12 GB RAM per process, several minutes)
 """
 
@@ -24,7 +26,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.p
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from configs import MODELS, bench_configs, to_tunix_model  # noqa: E402
+from configs import LOGIT_TOL, MODELS, bench_configs, to_tunix_model  # noqa: E402
 
 import gemma_jax as g  # noqa: E402
 from gemma_jax.model import forward, init_cache, init_params  # noqa: E402
@@ -58,7 +60,7 @@ def ours_fns(cfg, params, B, T, S):
 
 
 def tunix_fns(cfg, params, B, T, S):
-    """The same for Tunix's Gemma (Gemma 2 configs) or Gemma 3, its cache prefilled with the same prompt."""
+    """The same for Tunix's Gemma (Gemma 2 configs), Gemma 3 or Gemma 4, its cache prefilled with the same prompt."""
     from flax import nnx
     from tunix.generate import sampler as tunix_sampler
     from tunix.rl import common
@@ -78,8 +80,12 @@ def tunix_fns(cfg, params, B, T, S):
     def step(state, tok, pos, cache, attn_1):
         return nnx.merge(graphdef, state)(tok, pos, cache, attn_1)
 
-    # Tunix's Gemma 3 has no init_cache method: its Sampler then builds the cache with this same function.
-    cache = tunix_sampler._init_cache(cfg.num_layers, S, B, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+    # The cache Tunix's Sampler builds: the model's own init_cache (Gemma 4: per-layer shapes, none for KV-shared
+    # layers, a window-long ring on sliding layers), else (Gemma 2, 3) this function.
+    if hasattr(model, "init_cache"):
+        cache = model.init_cache(B, S, jnp.float32)
+    else:
+        cache = tunix_sampler._init_cache(cfg.num_layers, S, B, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
     _, cache = step(state, tokens, positions, cache, jnp.pad(attn, ((0, 0), (0, 0), (0, S - T))))
     pos1 = jnp.full((B, 1), T, jnp.int32)
     attn_1 = (jnp.arange(S) <= T)[None, None, :].repeat(B, 0)
@@ -92,8 +98,10 @@ def tunix_fns(cfg, params, B, T, S):
             (logits, step(state, one, pos1, cache, attn_1)[0]), first)
 
 
-def check_same(name, ours, theirs, tol=1e-4):
-    """Both models must give the same prefill and decode-step logits before their times are compared."""
+def check_same(name, ours, theirs):
+    """Both models must give the same prefill and decode-step logits before their times are compared (within 1e-4,
+    or the config's LOGIT_TOL)."""
+    tol = LOGIT_TOL.get(name, 1e-4)
     for what, a, b in zip(("prefill", "decode step"), ours, theirs):
         diff = float(jnp.abs(a - b).max())
         if not diff <= tol:

@@ -7,11 +7,12 @@ temperature, a toy reward, beta 0.08, AdamW. Tunix's step is timed through its o
 `GRPOLearner._generate_and_compute_advantage` (sampling + ref log-probs + rewards + advantages) and
 `RLCluster.update_actor` (the update); ours through `grpo.rollout.rollout` and `grpo.learner.train_step`.
 Each side is warmed up (compiled) with one step first, then the median of --repeats steps is reported. With
---model gemma3 both sides run TINY_GEMMA3 (bench/configs.py; Tunix: tunix.models.gemma3). Before timing, the Tunix
+--model gemma3 both sides run TINY_GEMMA3 (bench/configs.py; Tunix: tunix.models.gemma3), with --model gemma4
+TINY_GEMMA4 (Tunix: tunix.models.gemma4; the test tokenizer has Gemma 4's turn markers). Before timing, the Tunix
 actor (LoRA applied, B = 0) and reference must give our logits on the prompts within 1e-4: sampled completions
 differ by RNG, so the check is on the models, not on the steps' outputs.
 
-    python bench/grpo_step.py [--model gemma2|gemma3] [--prompts 2] [--G 4] [--new-tokens 32] [--repeats 5]
+    python bench/grpo_step.py [--model gemma2|gemma3|gemma4] [--prompts 2] [--G 4] [--new-tokens 32] [--repeats 5]
 """
 
 import argparse
@@ -152,10 +153,11 @@ def main(argv=None):
                    "(sequence-level IS, sampler IS, dynamic sampling) against our default, same run")
     args = p.parse_args(argv)
     tok_path = args.tokenizer
-    if tok_path is None:
-        from conftest import train_test_tokenizer
+    if tok_path is None:  # Gemma 4 with its own turn markers, so both sides prompt in Gemma 4's chat format
+        from conftest import GEMMA4_PIECES, SPECIAL_PIECES, train_test_tokenizer
 
-        tok_path = train_test_tokenizer(tempfile.mkdtemp(prefix="grpo_bench_tok_"))
+        pieces = GEMMA4_PIECES if args.model == "gemma4" else SPECIAL_PIECES
+        tok_path = train_test_tokenizer(tempfile.mkdtemp(prefix="grpo_bench_tok_"), pieces=pieces)
     tokenizer = Tokenizer(tok_path)
     name, cfg = bench_configs(args.model)["TINY"]
     params = init_params(cfg, seed=0)

@@ -12,13 +12,15 @@ sampler uses; no attention over the cache, no norms, no sampling), and the ratio
 over that floor: no sampler that runs these matmuls through XLA's CPU kernels can beat Tunix by more.
 Greedy unless --sample (T 0.6, top-k 50, as in the GRPO recipe; Tunix needs top_p for that mode, so top_p=1.0
 there). Configs from bench/configs.py: Gemma 2's TINY and MID with query_pre_attn_scalar = head_dim (Tunix's Gemma
-hard-codes that query scale) or, with --model gemma3, TINY_GEMMA3 and MID_GEMMA3 on Tunix's Gemma 3. Before timing,
+hard-codes that query scale) or, with --model gemma3, TINY_GEMMA3 and MID_GEMMA3 on Tunix's Gemma 3 (--model
+gemma4: TINY_GEMMA4 and MID_GEMMA4 on Tunix's Gemma 4, whose own init_cache gives the Sampler its cache). Before timing,
 each row checks that both samplers give the same greedy tokens on its prompts: in greedy mode on the warm-up
 calls, with --sample on one greedy call of each made before the warm-up (so there the 1st-call columns come after
 the greedy path has compiled).
 
     python bench/sampler.py                 # default grid: TINY and MID, ~6 minutes on a 2-core CPU
     python bench/sampler.py --model gemma3  # the same grid on TINY_GEMMA3 and MID_GEMMA3
+    python bench/sampler.py --model gemma4 --models MID   # MID_GEMMA4's rows
     python bench/sampler.py --sweep         # B in {8,32} x N in {64,128,256} x P in {16,64,128}, TINY and MID
     python bench/sampler.py --sample        # the same rows with top-k sampling
     python bench/sampler.py --gpu           # GEMMA2_2B-shaped random bf16 weights, B 1 and 64: tok/s and the
@@ -71,23 +73,35 @@ def best_of(fns, repeats, check=None):
 def matmul_floor_s(cfg, params, B, repeats, steps=32):
     """Seconds per decode step spent in the weight matmuls alone: every layer's projections (attention replaced by
     adding the keys and values to the queries, so that no projection is dead code) and the tied logits, each
-    step's input depending on the last step's logits, over the per-layer weight copies the sampler uses."""
-    G, D = cfg.num_heads // cfg.num_kv_heads, cfg.embed_dim
+    step's input depending on the last step's logits, over the per-layer weight copies the sampler uses. Gemma 4:
+    each layer's own projections (k only where k = v, no k/v on KV-shared layers) and the per-layer-embedding
+    matmuls (the model projection once per step, each layer's gate and projection)."""
+    D = cfg.embed_dim
     ein = lambda eq, x, w: jax.numpy.einsum(eq, x, w)  # noqa: E731
 
-    def step(_, x_B1D, layers, embed):
-        for w in layers:
+    def step(_, x_B1D, layers, params):
+        ple_B1LP = ein("BTD,DLP->BTLP", x_B1D, params["per_layer_proj"]) if cfg.per_layer_input_dim else None
+        for i, w in enumerate(layers):
             q = ein("BTD,DNH->BTNH", x_B1D, w["q"])
-            kv = jax.numpy.repeat(ein("BTD,DKH->BTKH", x_B1D, w["k"]) + ein("BTD,DKH->BTKH", x_B1D, w["v"]), G, 2)
-            x_B1D = x_B1D + ein("BTNH,NHD->BTD", q + kv, w["o"])
+            kv = [ein("BTD,DKH->BTKH", x_B1D, w[n]) for n in ("k", "v") if n in w]
+            if kv:
+                q = q + jax.numpy.repeat(sum(kv), cfg.num_heads // kv[0].shape[2], 2)
+            x_B1D = x_B1D + ein("BTNH,NHD->BTD", q, w["o"])
+            if ple_B1LP is not None:
+                gate_B1P = ein("BTD,DP->BTP", x_B1D, w["ple_gate"]) * ple_B1LP[:, :, i]
+                x_B1D = x_B1D + ein("BTP,PD->BTD", gate_B1P, w["ple_proj"])
             x_B1D = x_B1D + _mlp(x_B1D, w, None, 0.0)  # the model's gate, up, gelu, down
-        logits_B1V = ein("BTD,VD->BTV", x_B1D, embed)
+        logits_B1V = ein("BTD,VD->BTV", x_B1D, params["embed"])
         return x_B1D + 1e-6 * logits_B1V[..., :D]  # V >= D in the configs benchmarked here
 
-    run = jax.jit(lambda x, layers, embed: jax.lax.fori_loop(0, steps, lambda i, x: step(i, x, layers, embed), x))
-    layers = jax.jit(lambda p: unstack_layers(p, cfg.num_layers))(params["layers"])
+    run = jax.jit(lambda x, layers, p: jax.lax.fori_loop(0, steps, lambda i, x: step(i, x, layers, p), x))
+    if cfg.layer_list:  # Gemma 4's params are per layer already
+        layers = tuple(params["layers"])
+    else:
+        layers = jax.jit(lambda p: unstack_layers(p, cfg.num_layers))(params["layers"])
+    top = {k: v for k, v in params.items() if k in ("embed", "per_layer_proj")}
     x = jax.numpy.full((B, 1, D), 0.01, jax.numpy.float32)
-    [(t, _)] = best_of([lambda: jax.block_until_ready(run(x, layers, params["embed"]))], repeats)
+    [(t, _)] = best_of([lambda: jax.block_until_ready(run(x, layers, top))], repeats)
     return t / steps
 
 

@@ -5,6 +5,7 @@ machine's float32 matmul peak, measured here.
     python bench/sft_step.py                  # MID, B=4 x T=256, LoRA rank 16 on q, kv, gate, up, down
     python bench/sft_step.py --config tiny    # quick check
     python bench/sft_step.py --model gemma3   # MID_GEMMA3 vs Tunix's Gemma 3 (configs: bench/configs.py)
+    python bench/sft_step.py --model gemma4   # MID_GEMMA4 vs Tunix's Gemma 4
 
 Before the times are taken, the loss of every implementation's first step (LoRA B = 0: the base model's loss) must
 equal ours within 1e-4, so the rows compare the same work.
@@ -29,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from configs import MODELS, bench_configs, to_tunix_model  # noqa: E402
 
-from gemma_jax.model import init_params  # noqa: E402
+from gemma_jax.model import init_params, layer_kinds  # noqa: E402
 from lora.adapters import init_lora  # noqa: E402
 from sft.train import HParams, train_step  # noqa: E402
 from train.optim import adamw_init  # noqa: E402
@@ -60,12 +61,19 @@ def matmul_peak_gflops():
 
 
 def step_flops(cfg, B, T, rank):
-    L, D, F, N, K, H, V = (cfg.num_layers, cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads,
-                           cfg.head_dim, cfg.vocab_size)
+    """Model FLOPs of one LoRA step (module docstring), layer by layer: Gemma 4's layers differ in head dim, kv
+    heads, k/v projections (none on KV-shared layers, k only where k = v) and MLP width, and with per-layer
+    embeddings add their model projection [D, L*P] and each layer's gate [D, P] and projection [P, D] (the table
+    itself is a lookup). The fused kv adapter sits on the layers with both k and v weights."""
+    D, N, V, P = cfg.embed_dim, cfg.num_heads, cfg.vocab_size, cfg.per_layer_input_dim
     tokens = B * T
-    p_mm = L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + V * D
-    attn = L * 4 * B * T * T * N * H
-    lora_io = L * ((D + N * H) + (D + 2 * K * H) + 2 * (D + F) + (F + D))
+    p_mm, attn, lora_io = V * D + D * cfg.num_layers * P, 0, 0
+    for kind in layer_kinds(cfg):
+        H, K, F = kind.head_dim, kind.kv_heads, kind.hidden
+        kv = 0 if not kind.has_kv else 1 if kind.k_eq_v else 2  # k/v projections this layer computes
+        p_mm += D * N * H + kv * D * K * H + N * H * D + 3 * D * F + 2 * D * P
+        attn += 4 * B * T * T * N * H
+        lora_io += (D + N * H) + (D + 2 * K * H if kv == 2 else 0) + 2 * (D + F) + (F + D)
     base = 2 * (2 * p_mm * tokens + attn)  # forward + activation gradients
     lora = 4 * 2 * rank * lora_io * tokens  # forward + activation grad + A and B grads
     return base + lora
@@ -131,26 +139,29 @@ def main(argv=None):
     hp = HParams(lr=1e-4, warmup_steps=0, steps=10**6, weight_decay=0.1, clip=1.0)
     tokens, loss_mask = make_batch(cfg, B, T)
     peak = matmul_peak_gflops()
-    t_ours, loss = ours(cfg, params, lora, tokens, loss_mask, hp, args.repeats)
-    # the same step with the layers unrolled (cfg.scan_layers=False): longer compile, no scan loop on the CPU
-    t_unrolled, loss_unrolled = ours(dataclasses.replace(cfg, scan_layers=False), params, lora, tokens, loss_mask,
-                                     hp, args.repeats)
+    if cfg.layer_list:  # Gemma 4's layers differ in shape and always run unrolled: one row of ours
+        variants = {"unrolled": cfg}
+    else:  # scanned, and unrolled (cfg.scan_layers=False: longer compile, no scan loop on the CPU)
+        variants = {"scan": cfg, "unrolled": dataclasses.replace(cfg, scan_layers=False)}
+    timed = {what: ours(c, params, lora, tokens, loss_mask, hp, args.repeats) for what, c in variants.items()}
     t_tunix, loss_tunix = tunix(cfg, params, args.rank, tokens, loss_mask, hp, args.repeats)
-    for what, other in (("unrolled", loss_unrolled), ("Tunix", loss_tunix)):
+    (first, (_, loss)), *_ = timed.items()
+    for what, other in [*((w, lo) for w, (_, lo) in timed.items()), ("Tunix", loss_tunix)]:
         if not abs(other - loss) <= 1e-4:
-            raise AssertionError(f"first-step loss of {what} {other:.6f} != ours {loss:.6f}: not the same step")
+            raise AssertionError(f"first-step loss of {what} {other:.6f} != {first} {loss:.6f}: not the same step")
     flops = step_flops(cfg, B, T, args.rank)
     print(f"config {name}, B={B} T={T}, LoRA rank {args.rank} on {','.join(TARGETS)}, float32, "
           f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}")
     print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s; model FLOPs per step: {flops / 1e9:.2f} GFLOP")
-    print(f"first-step loss: ours {loss:.6f}, unrolled {loss_unrolled:.6f}, Tunix {loss_tunix:.6f}")
+    print("first-step loss: " + ", ".join(f"ours {w} {lo:.6f}" for w, (_, lo) in timed.items())
+          + f", Tunix {loss_tunix:.6f}")
     print("| implementation | step time (s) | tokens/s | GFLOP/s | MFU |")
     print("|---|---|---|---|---|")
-    rows = (("nanotunix train_step (scan over layers)", t_ours), ("nanotunix train_step (unrolled layers)", t_unrolled),
-            ("Tunix PeftTrainer (qwix LoRA)", t_tunix))
-    for name, t in rows:
-        print(f"| {name} | {t:.4f} | {B * T / t:.0f} | {flops / t / 1e9:.1f} | {flops / t / 1e9 / peak:.1%} |")
-    print(f"speed-up ours / Tunix: scan {t_tunix / t_ours:.2f}x, unrolled {t_tunix / t_unrolled:.2f}x")
+    label = {"scan": "scan over layers", "unrolled": "unrolled layers"}
+    rows = [(f"nanotunix train_step ({label[what]})", t) for what, (t, _) in timed.items()]
+    for row, t in [*rows, ("Tunix PeftTrainer (qwix LoRA)", t_tunix)]:
+        print(f"| {row} | {t:.4f} | {B * T / t:.0f} | {flops / t / 1e9:.1f} | {flops / t / 1e9 / peak:.1%} |")
+    print("speed-up ours / Tunix: " + ", ".join(f"{w} {t_tunix / t:.2f}x" for w, (t, _) in timed.items()))
 
 
 if __name__ == "__main__":

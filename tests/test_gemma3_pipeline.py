@@ -10,12 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from grpo_utils import run_toy_grpo
 
 import gemma_jax as g
 from gemma_jax.config import TINY_GEMMA3
 from gemma_jax.model import ParamSpec, forward, init_params, param_specs
-from grpo.learner import GRPOHParams, train
-from grpo.rollout import prompt_ids
 from lora.adapters import LoRA, init_lora, lora_shapes
 from lora.export import export_peft
 from sft.batches import SFTData, encode_example
@@ -86,35 +85,8 @@ def test_sft_steps_lower_the_loss_on_gemma3(tokenizer, tmp_path):
     assert last < 0.5 * first, (first, last)  # measured 6.68 -> 0.37
 
 
-RECORDS = [{"question": f"what is {i} plus {i * 3}?", "answer": str(4 * i), "domain": "math", "system": "Be brief."}
-           for i in range(8)]
-HP = GRPOHParams(group_size=8, prompts_per_step=4, micro_batch=8, beta=0.0, temperature=1.0, top_k=None, top_p=None,
-                 max_prompt_tokens=32, max_new_tokens=8, lr=3e-3, steps=6, weight_decay=0.0, clip=1.0)
-
-
-def _first_token_probs(params, lora, tokenizer):
-    probs = []
-    for r in RECORDS:
-        ids = jnp.asarray([prompt_ids(r, tokenizer, HP.max_prompt_tokens)])
-        probs.append(jax.nn.softmax(forward(params, ids, CFG, lora=lora)[0][0, -1]))
-    return np.mean(np.asarray(probs), axis=0)
-
-
 def test_grpo_steps_raise_a_toy_reward_on_gemma3(tokenizer, tmp_path):
-    params = init_params(CFG, seed=0)
-    p = _first_token_probs(params, None, tokenizer)
-    target = next(int(i) for i in np.argsort(-p) if i > 3 and i not in tokenizer.stop_ids
-                  and not tokenizer.sp.IdToPiece(int(i)).startswith("<"))
-
-    def reward_fn(texts, records, *, tokenizer, score_fn, prompt_ids, prob_state, **kw):
-        r = np.array([tokenizer.encode(t).count(target) for t in texts], np.float64)
-        return r, {"target": r}, {}, prob_state
-
-    lora, _, last = train(CFG, params, init_lora(CFG, rank=4, alpha=8.0, seed=1), RECORDS, tokenizer, HP,
-                          str(tmp_path), reward_fn=reward_fn, save_every=100, sample_every=0, seed=3,
-                          print_fn=lambda *a: None)
-    p0, p1 = p[target], _first_token_probs(params, lora, tokenizer)[target]
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    p0, p1, rows = run_toy_grpo(CFG, tokenizer, tmp_path)
     logged = lambda row: {k: v for k, v in row.items() if "reward" in k or "target" in k}  # noqa: E731
     print(f"GRPO p(target) {p0:.4f} -> {p1:.4f}; first {logged(rows[0])}, last {logged(rows[-1])}")
     assert len(rows) == 6

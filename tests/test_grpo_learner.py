@@ -1,6 +1,7 @@
 """The GRPO loop on TINY with the test tokenizer: a toy reward that favours one token raises that token's
 probability, gradient accumulation equals one big batch, and a run SIGKILLed mid-way and resumed ends exactly
-where an uninterrupted run with the same seed ends."""
+where an uninterrupted run with the same seed ends. The toy setup (prompts, hyperparameters, reward) is
+tests/grpo_utils.py."""
 
 import dataclasses
 import json
@@ -14,49 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from grpo_utils import HP, RECORDS, first_token_probs, make_toy_reward, pick_target
 
 from gemma_jax.config import TINY
-from gemma_jax.model import forward, init_params
+from gemma_jax.model import init_params
 from gemma_jax.tokenizer import Tokenizer
-from grpo.learner import GRPOHParams, to_micro_batches, train, train_step
-from grpo.rollout import prompt_ids, rollout, text_metrics
+from grpo.learner import to_micro_batches, train, train_step
+from grpo.rollout import rollout, text_metrics
 from lora.adapters import init_lora
 from rewards.tags import render_completion
 from train.optim import adamw_init
-
-RECORDS = [{"question": f"what is {i} plus {i * 3}?", "answer": str(4 * i), "domain": "math", "system": "Be brief."}
-           for i in range(8)]
-HP = GRPOHParams(group_size=8, prompts_per_step=4, micro_batch=8, beta=0.0, temperature=1.0, top_k=None, top_p=None,
-                 max_prompt_tokens=32, max_new_tokens=8, lr=3e-3, steps=6, weight_decay=0.0, clip=1.0)
-
-
-def make_toy_reward(target_id):
-    """Reward = how often `target_id` appears when the completion text is tokenized again."""
-    def reward_fn(texts, records, *, tokenizer, score_fn, prompt_ids, prob_state, **kw):
-        r = np.array([tokenizer.encode(t).count(target_id) for t in texts], np.float64)
-        return r, {"target": r}, {}, prob_state
-
-    return reward_fn
-
-
-def first_token_probs(params, lora, tokenizer):
-    """p(next token | prompt) at the first completion position, averaged over the RECORDS prompts [V]."""
-    probs = []
-    for r in RECORDS:
-        ids = jnp.asarray([prompt_ids(r, tokenizer, HP.max_prompt_tokens)])
-        logits, _ = forward(params, ids, TINY, lora=lora)
-        probs.append(jax.nn.softmax(logits[0, -1]))
-    return np.mean(np.asarray(probs), axis=0)
-
-
-def pick_target(params, tokenizer):
-    """The most likely ordinary token (no special / byte piece) after the prompts under the initial model."""
-    p = first_token_probs(params, None, tokenizer)
-    for i in np.argsort(-p):
-        piece = tokenizer.sp.IdToPiece(int(i))
-        if i > 3 and i not in tokenizer.stop_ids and not piece.startswith("<"):
-            return int(i)
-    raise AssertionError("no ordinary token")
 
 
 def run_toy(out_dir, tok_path, steps, stop_at_step=None, **overrides):
@@ -65,7 +33,7 @@ def run_toy(out_dir, tok_path, steps, stop_at_step=None, **overrides):
     tokenizer = Tokenizer(tok_path)
     params = init_params(TINY, seed=0)
     lora = init_lora(TINY, rank=4, alpha=8.0, seed=1)
-    reward_fn = make_toy_reward(pick_target(params, tokenizer))
+    reward_fn = make_toy_reward(pick_target(params, tokenizer, TINY))
     hp = dataclasses.replace(HP, steps=steps, **overrides)
     return train(TINY, params, lora, RECORDS, tokenizer, hp, out_dir, reward_fn=reward_fn, save_every=1,
                  sample_every=0, seed=3, stop_at_step=stop_at_step, print_fn=lambda *a: None)
@@ -74,14 +42,14 @@ def run_toy(out_dir, tok_path, steps, stop_at_step=None, **overrides):
 @pytest.fixture(scope="module")
 def setup(tokenizer):
     params = init_params(TINY, seed=0)
-    return params, pick_target(params, tokenizer)
+    return params, pick_target(params, tokenizer, TINY)
 
 
 def test_toy_reward_raises_target_probability(setup, tokenizer, tmp_path):
     params, target = setup
-    p0 = first_token_probs(params, None, tokenizer)[target]
+    p0 = first_token_probs(params, None, tokenizer, TINY)[target]
     lora, _, last = run_toy(str(tmp_path), tokenizer.path, steps=6)
-    p1 = first_token_probs(params, lora, tokenizer)[target]
+    p1 = first_token_probs(params, lora, tokenizer, TINY)[target]
     print(f"p(target) {p0:.4f} -> {p1:.4f}; last metrics {last}")
     assert p1 > 1.5 * p0 and p1 - p0 > 0.01  # measurable increase after 6 GRPO steps
     assert last["ratio_min"] == 1.0 and last["ratio_max"] == 1.0 and last["clip_frac"] == 0.0  # one iteration
@@ -97,10 +65,10 @@ def test_toy_learning_per_loss_type(setup, tokenizer, tmp_path, loss_type):
     min(1, 5) = 1; sapo: d/dr 4/tau sigmoid(tau (r - 1)) = 1 at r = 1), and the toy completions all have the same
     length, so the aggregations differ only by a constant scale that AdamW removes: the five runs coincide."""
     params, target = setup
-    p0 = first_token_probs(params, None, tokenizer)[target]
+    p0 = first_token_probs(params, None, tokenizer, TINY)[target]
     kw = {"epsilon_high": 5.0} if loss_type == "cispo" else {}  # TRL's recommended CISPO cap
     lora, _, last = run_toy(str(tmp_path), tokenizer.path, steps=3, loss_type=loss_type, **kw)
-    p1 = first_token_probs(params, lora, tokenizer)[target]
+    p1 = first_token_probs(params, lora, tokenizer, TINY)[target]
     assert p1 - p0 > 0.025 and p1 > 2.3 * p0, (p0, p1)
     assert 0.0 <= last["sampling/sampling_logp_difference/mean"] < 1e-4  # sampler and learner agree in float32
 
@@ -212,7 +180,7 @@ def test_nonfinite_rewards_skip_updates_and_stop_the_run(tokenizer, tmp_path):
     from train.state import CheckpointManager
 
     params = init_params(TINY, seed=0)
-    good = make_toy_reward(pick_target(params, tokenizer))
+    good = make_toy_reward(pick_target(params, tokenizer, TINY))
     calls = []
 
     def reward_fn(texts, records, **kw):
