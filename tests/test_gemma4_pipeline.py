@@ -149,7 +149,6 @@ def test_sft_steps_lower_the_loss_on_gemma4(tokenizer, tmp_path):
     assert last < 0.3 * first, (first, last)  # measured 6.87 -> 1.39
 
 
-
 def test_grpo_steps_raise_a_toy_reward_on_gemma4(gemma4_tokenizer, tmp_path):
     """The Gemma 3 test's toy GRPO run (tests/grpo_utils.py), in Gemma 4's own chat format (<|turn>). With the
     Gemma 1-3 format the picked target ('20.') appears in 1 of 32 completions and p(target) falls (0.0102 ->
