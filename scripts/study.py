@@ -51,16 +51,18 @@ def run_all(jobs: list, parallel: int) -> None:
         while todo and len(running) < parallel:
             variant, seed = todo.pop(0)
             os.makedirs(run_dir(variant, seed), exist_ok=True)
-            cmd = command(variant, seed)
-            if parallel > 1:
-                cmd = ["taskset", "-c", str(len(running) % os.cpu_count()), *cmd]
+            cmd, core = command(variant, seed), None
+            if parallel > 1:  # the first core no running job holds (a finished job frees its core)
+                busy = {r[4] for r in running}
+                core = next(c for c in range(max(os.cpu_count(), parallel)) if c not in busy)
+                cmd = ["taskset", "-c", str(core % os.cpu_count()), *cmd]
             log = open(os.path.join(run_dir(variant, seed), "log.txt"), "w")
             print(f"start {variant} seed {seed}: {' '.join(cmd)}", flush=True)
             running.append(((variant, seed), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT),
-                            time.time(), log))
+                            time.time(), log, core))
         time.sleep(2)
         for item in list(running):
-            (variant, seed), proc, t0, log = item
+            (variant, seed), proc, t0, log, _ = item
             if proc.poll() is not None:
                 log.close()
                 running.remove(item)
