@@ -3,6 +3,7 @@
     python scripts/make_tiny.py tokenizer --data bundled/data --out bundled
     python scripts/make_tiny.py pretrain  --data bundled/data --out bundled --steps 1500
     python scripts/make_tiny.py probe     --data bundled/data --out bundled     # the base's accuracy per task kind
+    python scripts/make_tiny.py forms     --adapters bundled/sft_adapters          # how adapters write general tasks
 
 The tokenizer is a sentencepiece BPE model with Gemma's special-id layout (pad 0, eos 1, bos 2, unk 3, then
 <start_of_turn>, <end_of_turn> and the reasoning/answer tags) and Gemma's habits: digits split one per token, text
@@ -103,6 +104,73 @@ def probe(params, cfg, tok, data_dir, *, per_kind=120):
     return out
 
 
+def long_first_word(question: str) -> str:
+    """The first word of a general question's long trace, read off the question as data/tiny_tasks.py words it."""
+    kind = task_kind(question)
+    if kind == "calendar":
+        return "Counting"
+    if kind == "list":
+        return re.search(r"First (\w+)", question).group(1).capitalize()
+    return re.search(r"\. (\w+) and \w+ swap, then", question).group(1)
+
+
+def forms_table(samples) -> dict:
+    """samples: (kind, long form?, exact match?, p) per sample -> {kind: {"long_share", and for "long" / "short":
+    {"n", "exact_match", "p"}}} (NaN where a form has no sample)."""
+    out = {}
+    for kind in sorted({k for k, *_ in samples}):
+        rows = [s for s in samples if s[0] == kind]
+        out[kind] = {"long_share": sum(s[1] for s in rows) / len(rows)}
+        for form, is_long in (("long", True), ("short", False)):
+            f = [s for s in rows if s[1] == is_long]
+            out[kind][form] = {"n": len(f), "exact_match": float(np.mean([s[2] for s in f])) if f else float("nan"),
+                               "p": float(np.mean([s[3] for s in f])) if f else float("nan")}
+    return out
+
+
+def forms(base_dir, tok_path, adapters, data_dir, *, per_kind=30, group=8, seed=0):
+    """What the default GRPO run finds on the general half. The first `per_kind` held-out prompts of each general task
+    kind are sampled as GRPO samples them (G 8, temperature 1.0, top-k 10, 64 new tokens, cli/embedded.py); for
+    each kind: the share written in the long form (cli.embedded.step_by_step) and, per form, the exact match and the
+    mean probability of the reference answer after that reasoning (the probability reward without its no-reasoning
+    baseline and std filter). Plus each kind's greedy exact match with the completion forced to open with the long
+    trace's first word: what the adapters can do when they write the steps. Returns (forms_table, forced)."""
+    import csv
+
+    from cli.common import load_model
+    from cli.embedded import step_by_step
+    from gemma_jax.sampler import generate
+    from grpo.rollout import exact_match, make_score_fn, prompt_ids
+    from rewards.format import strict_blocks
+    from rewards.prob import ProbRewardConfig
+    from rewards.router import RewardConfig, compute_rewards
+
+    cfg, params, lora, tok = load_model(base_dir, tok_path, adapters)
+    with open(os.path.join(data_dir, "rl_eval.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["domain"] != "math"]
+    rows = [r for kind in ("calendar", "list", "swap") for r in
+            [r for r in rows if task_kind(r["question"]) == kind][:per_kind]]
+    prompts = [prompt_ids(r, tok, 96) for r in rows]
+    gen = generate(params, cfg, prompts, max_new_tokens=64, temperature=1.0, top_k=10, stop_ids=tok.stop_ids,
+                   seed=seed, num_samples=group, lora=lora, pad_id=tok.pad_id)
+    texts = [tok.decode([int(t) for t in toks[:n]]) for toks, n in zip(gen.tokens, gen.lengths)]
+    rows_g = [r for r in rows for _ in range(group)]
+    _, parts, _, _ = compute_rewards(
+        texts, rows_g, tokenizer=tok, score_fn=make_score_fn(params, cfg, lora, pad_id=tok.pad_id),
+        prompt_ids=[p for p in prompts for _ in range(group)],
+        cfg=RewardConfig(prob=ProbRewardConfig(debias=False, std_filter=False)))
+    samples = [(task_kind(r["question"]), bool(strict_blocks(t)) and step_by_step("general", strict_blocks(t)[0]),
+                exact_match(t, r["answer"]), float(p)) for r, t, p in zip(rows_g, texts, parts["prob"])]
+    heads = ["<reasoning>\n" + long_first_word(r["question"]) for r in rows]
+    gen = generate(params, cfg, [p + tok.encode(h) for p, h in zip(prompts, heads)], max_new_tokens=64,
+                   temperature=0.0, stop_ids=tok.stop_ids, lora=lora, pad_id=tok.pad_id)
+    forced = {}
+    for r, h, toks, n in zip(rows, heads, gen.tokens, gen.lengths):
+        right = exact_match(h + tok.decode([int(t) for t in toks[:n]]), r["answer"])
+        forced.setdefault(task_kind(r["question"]), []).append(right)
+    return forms_table(samples), {k: sum(v) / len(v) for k, v in forced.items()}
+
+
 def pretrain(data_dir, out_dir, *, steps, batch, seq_len, lr, seed, probe_every=0):
     cfg = TINY_DEFAULT
     tok = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
@@ -152,7 +220,8 @@ def pretrain(data_dir, out_dir, *, steps, batch, seq_len, lr, seed, probe_every=
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["tokenizer", "pretrain", "probe"])
+    ap.add_argument("what", choices=["tokenizer", "pretrain", "probe", "forms"])
+    ap.add_argument("--adapters", default=None, help="forms: the LoRA adapters folder (default: bundled/sft_adapters)")
     ap.add_argument("--data", default="bundled/data")
     ap.add_argument("--out", default="bundled")
     ap.add_argument("--steps", type=int, default=1500)
@@ -168,6 +237,17 @@ def main(argv=None):
     elif args.what == "pretrain":
         pretrain(args.data, args.out, steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
                  seed=args.seed, probe_every=args.probe_every)
+    elif args.what == "forms":
+        adapters = args.adapters or os.path.join(args.out, "sft_adapters")
+        table, forced = forms(os.path.join(args.out, "base"), os.path.join(args.out, "tokenizer.model"), adapters,
+                              args.data)
+        print(f"{adapters}: general held-out prompts sampled as GRPO samples them (8 each, T 1.0, top-k 10); "
+              "p = the reference's probability after the reasoning")
+        print("| kind | long share | long: EM / p | short: EM / p | greedy EM, long form forced |")
+        print("|---|---|---|---|---|")
+        for kind, t in table.items():
+            print(f"| {kind} | {t['long_share']:.2f} | {t['long']['exact_match']:.2f} / {t['long']['p']:.2f} | "
+                  f"{t['short']['exact_match']:.2f} / {t['short']['p']:.2f} | {forced[kind]:.3f} |")
     else:
         from gemma_jax.checkpoint import load_hf
 

@@ -6,6 +6,7 @@ import os
 import re
 from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from cli.embedded import GRPO_ARGS, PATHS, SFT_ARGS
@@ -228,20 +229,44 @@ def test_study_table_gives_mean_spread_and_std_per_variant(tmp_path, monkeypatch
     assert len(lines) == 4
 
 
-def test_make_tiny_probe_names_each_generated_question_by_its_generator():
-    """`scripts/make_tiny.py probe` groups held-out questions by task kind from their wording alone; every question
-    each generator of data/tiny_tasks.py writes must land in that generator's kind."""
+def _make_tiny():
     import importlib.util
-    import random
 
     spec = importlib.util.spec_from_file_location("make_tiny", os.path.join(ROOT, "scripts", "make_tiny.py"))
     make_tiny = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_tiny)
+    return make_tiny
+
+
+def test_make_tiny_probe_names_each_generated_question_by_its_generator():
+    """`scripts/make_tiny.py probe` groups held-out questions by task kind from their wording alone; every question
+    each generator of data/tiny_tasks.py writes must land in that generator's kind. `forms` forces the long trace's
+    first word, read off the question: it must be the first word the generator writes."""
+    import random
+
+    make_tiny = _make_tiny()
     rng = random.Random(0)
     for kind, item in (("math", tiny_tasks._math_item), ("list", tiny_tasks._list_item),
                        ("swap", tiny_tasks._swap_item), ("calendar", tiny_tasks._calendar_item)):
-        kinds = {make_tiny.task_kind(item(rng)[0]) for _ in range(2000)}
+        items = [item(rng) for _ in range(2000)]
+        kinds = {make_tiny.task_kind(it[0]) for it in items}
         assert kinds == {kind}, (kind, kinds)
+        if kind != "math":
+            for question, reasoning, *_ in items:
+                assert reasoning.split()[0] == make_tiny.long_first_word(question), (question, reasoning)
+
+
+def test_make_tiny_forms_table_per_kind_and_form():
+    """`scripts/make_tiny.py forms` aggregates (kind, long form?, exact match?, p) per kind and form."""
+    samples = [("calendar", True, True, 0.9), ("calendar", True, False, 0.5), ("calendar", False, False, 0.2),
+               ("calendar", False, False, 0.4), ("list", False, True, 0.8)]
+    t = _make_tiny().forms_table(samples)
+    assert list(t) == ["calendar", "list"]
+    assert t["calendar"]["long_share"] == 0.5 and t["list"]["long_share"] == 0.0
+    assert t["calendar"]["long"] == {"n": 2, "exact_match": 0.5, "p": pytest.approx(0.7)}
+    assert t["calendar"]["short"] == {"n": 2, "exact_match": 0.0, "p": pytest.approx(0.3)}
+    assert t["list"]["short"] == {"n": 1, "exact_match": 1.0, "p": 0.8}
+    assert t["list"]["long"]["n"] == 0 and np.isnan(t["list"]["long"]["exact_match"])
 
 
 def test_corpus_answers_are_the_answer_blocks_tokens(generated):
