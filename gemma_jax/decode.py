@@ -53,6 +53,7 @@ from gemma_jax.model import (
     layer_kinds,
     per_layer_inputs,
     rms_norm,
+    rope_tables,
     softcap,
     unembed,
 )
@@ -145,10 +146,10 @@ def grow_stacked(buffers, cfg: GemmaConfig, capacity: int):
                  for (s, _, _), group in zip(layer_groups(cfg), buffers))
 
 
-def _attend_one(cfg, x_B1D, w, lora_layer, scale, pos_B1, is_local, k_BKHC, v_BKCH, col, real_BC, shared=False,
+def _attend_one(cfg, x_B1D, w, lora_layer, scale, sin_cos, k_BKHC, v_BKCH, col, real_BC, shared=False,
                 group=None):
     """One layer's attention for one new token per row: write its key/value at column `col`, then attend over the
-    buffer's real columns. is_local (a Python bool) picks the layer's RoPE. Returns (output [B,1,D], (k, v)).
+    buffer's real columns. sin_cos: the layer's RoPE tables. Returns (output [B,1,D], (k, v)).
     shared (a Gemma 4 KV-shared layer): the buffers are its source layer's, already written this step; only the
     queries are computed here. group (decode_step_stacked): k and v are stacks [n,B,K,H,C], [n,B,K,C,H] of which
     this layer's buffers are entry `group`; the new column is written into the stacks, which are returned."""
@@ -156,9 +157,9 @@ def _attend_one(cfg, x_B1D, w, lora_layer, scale, pos_B1, is_local, k_BKHC, v_BK
     if shared:
         K, H = k_BKHC.shape[1:3]
         placeholder = jnp.zeros((B, 1, K, H), x_B1D.dtype)  # gives _qkv the kv heads to group queries by
-        q_B1KGH, _, _ = _qkv(cfg, x_B1D, w, lora_layer, scale, pos_B1, is_local, (placeholder, placeholder))
+        q_B1KGH, _, _ = _qkv(cfg, x_B1D, w, lora_layer, scale, sin_cos, (placeholder, placeholder))
     else:
-        q_B1KGH, k_B1KH, v_B1KH = _qkv(cfg, x_B1D, w, lora_layer, scale, pos_B1, is_local)
+        q_B1KGH, k_B1KH, v_B1KH = _qkv(cfg, x_B1D, w, lora_layer, scale, sin_cos)
         lead, at = ((), ()) if group is None else ((None,), (group,))  # a leading axis of 1, written at `group`
         k_BKHC = jax.lax.dynamic_update_slice(
             k_BKHC, jnp.transpose(k_B1KH, (0, 2, 3, 1))[lead].astype(k_BKHC.dtype), at + (0, 0, 0, col))
@@ -192,7 +193,7 @@ def decode_step(params, layers, lora_layers, lora_scale, tok_B, index, offset_B,
     layers / lora_layers: from `unstack_layers` (lora_layers a tuple of None without adapters); params supplies the
     embedding and the final norm. offset_B: each row's count of left-padding slots (its position = slot - offset).
     """
-    pos_B1 = (index - offset_B)[:, None].astype(jnp.int32)
+    ropes = rope_tables(cfg, (index - offset_B)[:, None])
     x_B1D = embed(params, tok_B[:, None], cfg)
     ple_B1LP = per_layer_inputs(params, tok_B[:, None], x_B1D, cfg) if cfg.per_layer_input_dim else None
     sources = [k.kv_source for k in layer_kinds(cfg)] if cfg.layer_list else [-1] * cfg.num_layers
@@ -206,7 +207,7 @@ def decode_step(params, layers, lora_layers, lora_scale, tok_B, index, offset_B,
 
         def attend(h, w=w, lora_layer=lora_layer, is_local=is_local, k=k_BKHC, v=v_BKCH, C=C, col=col,
                    shared=shared):
-            return _attend_one(cfg, h, w, lora_layer, lora_scale, pos_B1, is_local, k, v, col, real[C], shared)
+            return _attend_one(cfg, h, w, lora_layer, lora_scale, ropes[is_local], k, v, col, real[C], shared)
 
         x_B1D, kv = _block(cfg, x_B1D, w, lora_layer, lora_scale, attend,
                            None if ple_B1LP is None else ple_B1LP[:, :, i])
@@ -225,7 +226,7 @@ def decode_step_stacked(params, layers, lora_layers, lora_scale, tok_B, index, o
     from `stacked_from_prefill` / `grow_stacked`. Each run (start, p, n) of `layer_groups` is one fori_loop over its
     n groups; its body runs the p layers of group g, reading layer start + g*p + j of every stacked array.
     """
-    pos_B1 = (index - offset_B)[:, None].astype(jnp.int32)
+    ropes = rope_tables(cfg, (index - offset_B)[:, None])
     x_B1D = embed(params, tok_B[:, None], cfg)
     real = _real_columns(index, offset_B, {kv[1].shape[-2] for group in buffers for kv in group})
     at = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)  # noqa
@@ -239,7 +240,7 @@ def decode_step_stacked(params, layers, lora_layers, lora_scale, tok_B, index, o
             C = v_n.shape[-2]
 
             def attend(h, w=w, lora_layer=lora_layer, is_local=cfg.is_local_layer[start + j], k=k_n, v=v_n, C=C):
-                return _attend_one(cfg, h, w, lora_layer, lora_scale, pos_B1, is_local, k, v, jnp.mod(index, C),
+                return _attend_one(cfg, h, w, lora_layer, lora_scale, ropes[is_local], k, v, jnp.mod(index, C),
                                    real[C], group=g)
 
             x_B1D, kv = _block(cfg, x_B1D, w, lora_layer, lora_scale, attend)

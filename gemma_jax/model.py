@@ -31,6 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from gemma_jax.config import GemmaConfig
 
@@ -350,21 +351,37 @@ def rope_inv_freq(cfg: GemmaConfig, local: bool) -> np.ndarray:
     return inv_freq if factor == 1.0 else (inv_freq / np.float32(factor)).astype(np.float32)
 
 
-def layer_inv_freq(cfg: GemmaConfig, is_local):
-    """rope_inv_freq of a layer whose locality is a Python bool (unrolled layers) or a traced one (the scan)."""
+def rope_tables(cfg: GemmaConfig, positions_BT):
+    """{is_local: (sin, cos)} [B,T,1,H/2] float32 of the local and the global layers' RoPE angles at these
+    positions. Computed once per forward (or decode step), outside the layers: sin and cos evaluated inside each
+    layer were recomputed per element of q and k, forward and backward (measurements: docs/performance.md,
+    'RoPE tables')."""
+    pos_BT1 = positions_BT.astype(jnp.float32)[..., None]
     local, glob = rope_inv_freq(cfg, True), rope_inv_freq(cfg, False)
+
+    def sin_cos(inv_freq_h):
+        angle_BTh = pos_BT1 * inv_freq_h
+        return jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
+
     if np.array_equal(local, glob):  # Gemma 1/2: one RoPE for every layer
-        return glob
+        both = sin_cos(glob)
+        return {True: both, False: both}
+    return {True: sin_cos(local), False: sin_cos(glob)}
+
+
+def layer_rope(tables, is_local):
+    """The (sin, cos) of a layer whose locality is a Python bool (unrolled layers) or a traced one (the scan)."""
     if isinstance(is_local, (bool, np.bool_)):
-        return local if is_local else glob
-    return jnp.where(is_local, local, glob)
+        return tables[bool(is_local)]
+    if tables[True] is tables[False]:
+        return tables[True]
+    return tuple(jnp.where(is_local, a, b) for a, b in zip(tables[True], tables[False]))
 
 
-def rope(x_BTNH, positions_BT, inv_freq_h):
+def rope(x_BTNH, sin_cos):
     """Rotary embedding, half-split layout: the first half of H pairs with the second half.
-    inv_freq_h [H/2]: from `rope_inv_freq` (base and scaling of the layer)."""
-    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h
-    sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
+    sin_cos: the layer's (sin, cos) [B,T,1,H/2] from `rope_tables` (base and scaling of the layer)."""
+    sin, cos = sin_cos
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
 
@@ -404,9 +421,10 @@ def lora_delta(name, x, lora_layer, scale):
 
 
 def _project(name, eq, x, w, lora_layer, scale):
+    """x @ w (+ the LoRA delta), named "projection" for the layer scan's checkpoint policy (forward_hidden)."""
     y = jnp.einsum(eq, x, w)
     delta = lora_delta(name, x, lora_layer, scale)
-    return y if delta is None else y + delta
+    return checkpoint_name(y if delta is None else y + delta, "projection")
 
 
 def attention_masks(cfg, q_pos_BT, k_pos_BS, k_valid_BS, q_slot_T, k_slot_S, q_seg_BT=None, k_seg_BS=None):
@@ -421,22 +439,24 @@ def attention_masks(cfg, q_pos_BT, k_pos_BS, k_valid_BS, q_slot_T, k_slot_S, q_s
     return mask, mask & in_window
 
 
-def _scores(q_BTKGH, k_BSKH):
-    """q . k for every query and key [B,K,G,T,S], float32. (One-token decoding has its own layout in decode.py.)"""
-    k_BSKH = k_BSKH.astype(q_BTKGH.dtype)
-    return jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+def _scores(q_BKGTH, k_BSKH):
+    """q . k for every query and key [B,K,G,T,S], float32. The queries come in [B,K,G,T,H], so the product is
+    written in the order the softmax reads (measurements: docs/performance.md, 'Attention layout'). (One-token
+    decoding has its own layout in decode.py.)"""
+    k_BSKH = k_BSKH.astype(q_BKGTH.dtype)
+    return jnp.einsum("BKGTH,BSKH->BKGTS", q_BKGTH, k_BSKH, preferred_element_type=jnp.float32)
 
 
 def _weighted_values(p_BKGTS, v_BSKH):
-    """sum_S p v -> [B,T,K,G,H]."""
-    return jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
+    """sum_S p v -> [B,K,G,T,H]."""
+    return jnp.einsum("BKGTS,BSKH->BKGTH", p_BKGTS, v_BSKH)
 
 
-def _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, shared_kv=None):
+def _qkv(cfg, x_BTD, w, lora_layer, scale, sin_cos, shared_kv=None):
     """Projections of one layer with (Gemma 3) QK-norm and RoPE: (queries [B,T,K,G,H] times the query scale,
     keys [B,T,K,H], values [B,T,K,H]). Query heads are grouped over kv heads: N = K * G (MQA when K = 1, GQA
-    otherwise); N, K and H are read off the weights (Gemma 4 layers differ). is_local: whether this layer is a
-    sliding-window layer (a bool or a traced scalar); it picks the RoPE base and scaling.
+    otherwise); N, K and H are read off the weights (Gemma 4 layers differ). sin_cos: this layer's RoPE tables
+    (`layer_rope`: the local or global base and scaling).
     Gemma 4 (HF Gemma4TextAttention): without a "v" weight (attention_k_eq_v) the values are the raw key
     projection; values get an unscaled RMSNorm (use_value_norm), keys their k_norm and RoPE; shared_kv: the
     (keys, values) of the layer this KV-shared layer reads, used as they are."""
@@ -456,10 +476,9 @@ def _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, shared_kv=Non
         q_BTNH = rms_norm(q_BTNH, w["q_norm"], cfg.norm_eps, plus_one)
         if shared_kv is None:
             k_BTKH = rms_norm(k_BTKH, w["k_norm"], cfg.norm_eps, plus_one)
-    inv_freq_h = layer_inv_freq(cfg, is_local)
-    q_BTNH = rope(q_BTNH, positions_BT, inv_freq_h)
+    q_BTNH = rope(q_BTNH, sin_cos)
     if shared_kv is None:
-        k_BTKH = rope(k_BTKH, positions_BT, inv_freq_h)
+        k_BTKH = rope(k_BTKH, sin_cos)
     else:
         k_BTKH, v_BTKH = shared_kv
     q_BTNH = q_BTNH * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
@@ -467,7 +486,7 @@ def _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, shared_kv=Non
     return q_BTNH.reshape(B, T, K, N // K, H), k_BTKH, v_BTKH
 
 
-def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, mask_BTS, k_cache_BSKH=None,
+def _attention(cfg, x_BTD, w, lora_layer, scale, sin_cos, mask_BTS, k_cache_BSKH=None,
                v_cache_BSKH=None, mask_new_BTT=None, shared_kv=None):
     """Self-attention of one layer; returns (output, this step's keys [B,T,K,H], values [B,T,K,H]).
 
@@ -477,7 +496,7 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, mask_BT
     scan, XLA copies the whole cache every layer (measurements: docs/performance.md, 'KV cache writes').
     """
     B, T, _ = x_BTD.shape
-    q_BTKGH, k_BTKH, v_BTKH = _qkv(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, shared_kv)
+    q_BTKGH, k_BTKH, v_BTKH = _qkv(cfg, x_BTD, w, lora_layer, scale, sin_cos, shared_kv)
     if k_cache_BSKH is not None:
         # Round-trip through the cache dtype, so this step sees exactly what later steps will read back.
         k_BTKH, v_BTKH = k_BTKH.astype(k_cache_BSKH.dtype), v_BTKH.astype(v_cache_BSKH.dtype)
@@ -486,17 +505,18 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, positions_BT, is_local, mask_BT
             parts = parts[1:]
     else:
         parts = [(k_BTKH, v_BTKH, mask_BTS)]
-    s_BKGTS = jnp.concatenate([_scores(q_BTKGH, k) for k, _, _ in parts], axis=-1)
+    q_BKGTH = jnp.transpose(q_BTKGH, (0, 2, 3, 1, 4))
+    s_BKGTS = jnp.concatenate([_scores(q_BKGTH, k) for k, _, _ in parts], axis=-1)
     mask_BTS = jnp.concatenate([m for _, _, m in parts], axis=-1)
     s_BKGTS = softcap(s_BKGTS, cfg.attn_logit_softcap)  # before masking, as HF and Tunix do
     s_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], s_BKGTS, MASK_VALUE)
     p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
-    o_BTKGH, start = 0, 0
+    o_BKGTH, start = 0, 0
     for _, v, _ in parts:
         p_part = jax.lax.slice_in_dim(p_BKGTS, start, start + v.shape[1], axis=-1).astype(v.dtype)
-        o_BTKGH = o_BTKGH + _weighted_values(p_part, v)
+        o_BKGTH = o_BKGTH + _weighted_values(p_part, v)
         start += v.shape[1]
-    o_BTNH = o_BTKGH.reshape(B, T, cfg.num_heads, q_BTKGH.shape[-1]).astype(x_BTD.dtype)
+    o_BTNH = jnp.transpose(o_BKGTH, (0, 3, 1, 2, 4)).reshape(B, T, -1, q_BTKGH.shape[-1]).astype(x_BTD.dtype)
     out_BTD = _project("o", "BTNH,NHD->BTD", o_BTNH, w["o"], lora_layer, scale)
     return out_BTD, k_BTKH, v_BTKH
 
@@ -588,7 +608,7 @@ def per_layer_inputs(params, tokens_BT, x_BTD, cfg):
     return (proj_BTLP + tok_BTLP) * jnp.asarray(2.0 ** -0.5, x_BTD.dtype)
 
 
-def _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache=None, lora=None,
+def _gemma4_layers(params, x_BTD, tokens_BT, cfg, ropes, masks_g, masks_l, cache=None, lora=None,
                    shard=None):
     """Gemma 4's layers, unrolled in Python; returns (x, per layer its new (k, v), None for KV-shared layers).
 
@@ -608,7 +628,7 @@ def _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l
         scale = 0.0 if lora is None else lora.scale
 
         def attend(h, kind=kind, w=w, masks=masks, k_c=k_c, v_c=v_c, lora_layer=lora_layer, scale=scale):
-            out, k, v = _attention(cfg, h, w, lora_layer, scale, positions_BT, kind.local, masks[0], k_c, v_c,
+            out, k, v = _attention(cfg, h, w, lora_layer, scale, ropes[kind.local], masks[0], k_c, v_c,
                                    *masks[1:], shared_kv=None if kind.has_kv else kv[kind.kv_source])
             return out, (k, v)
 
@@ -667,9 +687,10 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
     scale = 0.0 if lora is None else lora.scale
     lora_layers = None if lora is None else lora.layers
     is_local_L = jnp.asarray(cfg.is_local_layer)
+    ropes = rope_tables(cfg, positions_BT)
     x_BTD = constrain(embed(params, tokens_BT, cfg), shard, ACT_BTD)
     if cfg.layer_list:
-        x_BTD, kv_new = _gemma4_layers(params, x_BTD, tokens_BT, cfg, positions_BT, masks_g, masks_l, cache, lora,
+        x_BTD, kv_new = _gemma4_layers(params, x_BTD, tokens_BT, cfg, ropes, masks_g, masks_l, cache, lora,
                                        shard)
         h_BTD = constrain(rms_norm(x_BTD, params["final_norm"], cfg.norm_eps, cfg.norm_plus_one), shard, ACT_BTD)
         if cache is None:
@@ -684,8 +705,8 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
         masks = tuple(jnp.where(is_local, ml, mg) for ml, mg in zip(masks_l, masks_g))
 
         def attend(h):
-            out, k_new, v_new = _attention(cfg, h, w, lora_layer, scale, positions_BT, is_local, masks[0], k_c, v_c,
-                                           *masks[1:])
+            out, k_new, v_new = _attention(cfg, h, w, lora_layer, scale, layer_rope(ropes, is_local), masks[0],
+                                           k_c, v_c, *masks[1:])
             return out, (k_new, v_new)
 
         x, (k_new, v_new) = _block(cfg, x, w, lora_layer, scale, attend, shard=shard)
@@ -695,11 +716,12 @@ def forward_hidden(params, tokens_BT, cfg: GemmaConfig, *, positions_BT=None, pa
         layer = jax.checkpoint(layer, prevent_cse=not cfg.scan_layers)
     elif cfg.scan_layers:
         # Under differentiation the scan stacks every residual of every layer into [L, ...] buffers, which XLA's
-        # CPU backend zero-fills and copies. Saving only the weight matmuls' outputs and recomputing the
-        # elementwise work and the attention products in the backward pass is faster and keeps less memory
-        # (measurements: docs/performance.md, 'Layer scan checkpointing'). No effect without differentiation.
+        # CPU backend zero-fills and copies. Saving only the projections' outputs (base + LoRA, named in
+        # _project) and recomputing the elementwise work, the LoRA products and the attention products in the
+        # backward pass is faster and keeps less memory (measurements: docs/performance.md, 'Layer scan
+        # checkpointing'). No effect without differentiation.
         layer = jax.checkpoint(layer, prevent_cse=False,
-                               policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+                               policy=jax.checkpoint_policies.save_only_these_names("projection"))
     xs = (params["layers"], lora_layers, is_local_L, None if cache is None else cache["k"],
           None if cache is None else cache["v"])
     if cfg.scan_layers:
