@@ -26,6 +26,7 @@ adds routed experts next to each layer's dense MLP (`_moe`).
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -420,8 +421,50 @@ def lora_delta(name, x, lora_layer, scale):
     return jnp.moveaxis(out, len(lead) + t.b.index("C") - 1, 0) if "C" in t.b else out
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _widening_lora(x_MI, w_IO, a_IR, b_RO, scale):
+    """x W + scale (x A) B as one matmul over the joined inner axis: [x, scale x A] @ [W; B].
+
+    For a projection wider out than in (gate, up: D -> F), the separate form writes the [M, O] product (x A) B and
+    adds it to x W, and its backward reads the [M, O] output gradient once more for dy B^T; joined, both ride on
+    the base matmuls (measurements: docs/performance.md, 'LoRA matmuls'). The backward is written out so that only
+    A and B get weight gradients (differentiating the joined weight would compute the frozen W's too):
+        [dx_base, dh] = dy [W; B]^T,  dh = scale dy B^T,  dx = dx_base + dh A^T,  dA = x^T dh,  dB = (scale x A)^T dy
+    """
+    h_MR = (x_MI @ a_IR) * scale
+    return jnp.concatenate([x_MI, h_MR], axis=1) @ jnp.concatenate([w_IO, b_RO], axis=0)
+
+
+def _widening_lora_fwd(x_MI, w_IO, a_IR, b_RO, scale):
+    h_MR = (x_MI @ a_IR) * scale
+    y_MO = jnp.concatenate([x_MI, h_MR], axis=1) @ jnp.concatenate([w_IO, b_RO], axis=0)
+    return y_MO, (x_MI, h_MR, w_IO, a_IR, b_RO)
+
+
+def _widening_lora_bwd(scale, res, dy_MO):
+    x_MI, h_MR, w_IO, a_IR, b_RO = res
+    d_MJ = dy_MO @ jnp.concatenate([w_IO, b_RO], axis=0).T  # J = I + R: [dx_base, dy B^T]
+    dh_MR = d_MJ[:, x_MI.shape[1]:] * scale
+    dx_MI = d_MJ[:, :x_MI.shape[1]] + dh_MR @ a_IR.T
+    return dx_MI, None, x_MI.T @ dh_MR, h_MR.T @ dy_MO
+
+
+_widening_lora.defvjp(_widening_lora_fwd, _widening_lora_bwd)
+
+
 def _project(name, eq, x, w, lora_layer, scale):
-    """x @ w (+ the LoRA delta), named "projection" for the layer scan's checkpoint policy (forward_hidden)."""
+    """x @ w (+ the LoRA delta), named "projection" for the layer scan's checkpoint policy (forward_hidden).
+    An adapter on a single weight whose output is wider than its input goes through `_widening_lora` when there are
+    at least as many tokens as input features (it copies W once per call: worth it for a training batch or a
+    prefill, not for a decode step's few rows); every other adapter adds `lora_delta` to the base product."""
+    t = lora_target(name) if lora_layer is not None and name in lora_layer else None
+    n_in = 0 if t is None else math.prod(lora_layer[name]["a"].shape[:-1])
+    if t is not None and "C" not in t.b and lora_layer[name]["b"][0].size > n_in and x.size >= n_in * n_in:
+        a, b = lora_layer[name]["a"], lora_layer[name]["b"]
+        lead = x.shape[:x.ndim - (len(t.a) - 1)]
+        y = _widening_lora(x.reshape(-1, n_in), w.reshape(n_in, -1).astype(x.dtype),
+                           a.reshape(n_in, -1).astype(x.dtype), b.reshape(a.shape[-1], -1).astype(x.dtype), scale)
+        return checkpoint_name(y.reshape(*lead, *b.shape[1:]), "projection")
     y = jnp.einsum(eq, x, w)
     delta = lora_delta(name, x, lora_layer, scale)
     return checkpoint_name(y if delta is None else y + delta, "projection")

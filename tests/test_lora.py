@@ -285,3 +285,28 @@ def test_concat_lora_equals_merging_the_first_then_applying_the_second():
     together = forward(params, tokens, cfg, lora=combined)[0]
     assert np.abs(np.asarray(stacked) - np.asarray(together)).max() <= 1e-5
     assert np.abs(np.asarray(stacked) - np.asarray(forward(params, tokens, cfg)[0])).max() > 1e-2
+
+
+@pytest.mark.parametrize("rows", [96, 8])  # 96 tokens >= 64 inputs: the joined matmul; 8 (a decode step): not
+def test_widening_projection_equals_the_separate_form(rows):
+    """`_project` on gate (D 64 -> F 128) joins the adapter into the base matmul for a batch of tokens; its value
+    and its gradients for x, A and B equal the separate x W + s (x A) B written out here, and W gets no gradient."""
+    from gemma_jax.model import _project
+
+    rng = np.random.default_rng(3)
+    x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, rows // 2, 64), (64, 128)))
+    a, b = (jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32) for s in ((64, RANK), (RANK, 128)))
+    cot = jnp.asarray(rng.standard_normal((2, rows // 2, 128)), jnp.float32)
+
+    def ours(x, a, b):
+        return jnp.sum(_project("gate", "BTD,DF->BTF", x, w, {"gate": {"a": a, "b": b}}, 1.5) * cot)
+
+    def separate(x, a, b):
+        return jnp.sum((x @ w + ((x @ a) @ b) * 1.5) * cot)
+
+    v1, g1 = jax.value_and_grad(ours, argnums=(0, 1, 2))(x, a, b)
+    v2, g2 = jax.value_and_grad(separate, argnums=(0, 1, 2))(x, a, b)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for name, u, v in zip("xab", g1, g2):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4, err_msg=name)
+    assert ("custom_vjp_call" in str(jax.make_jaxpr(ours)(x, a, b))) == (rows == 96)
