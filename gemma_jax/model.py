@@ -427,9 +427,10 @@ def _widening_lora(x_MI, w_IO, a_IR, b_RO, scale):
 
     For a projection wider out than in (gate, up: D -> F), the separate form writes the [M, O] product (x A) B and
     adds it to x W, and its backward reads the [M, O] output gradient once more for dy B^T; joined, both ride on
-    the base matmuls (measurements: docs/performance.md, 'LoRA matmuls'). The backward is written out so that only
-    A and B get weight gradients (differentiating the joined weight would compute the frozen W's too):
-        [dx_base, dh] = dy [W; B]^T,  dh = scale dy B^T,  dx = dx_base + dh A^T,  dA = x^T dh,  dB = (scale x A)^T dy
+    the base matmuls (measurements: docs/performance.md, 'LoRA matmuls'). The backward is written out, because
+    differentiating the joined weight [W; B] would give B's gradient only through a full [I + R, O] product:
+        [dx_base, dh] = dy [W; B]^T,  dh = scale dy B^T,  dx = dx_base + dh A^T,  dA = x^T dh,  dB = (scale x A)^T dy,
+        dW = x^T dy (XLA drops it when, as in LoRA training, nothing differentiates W)
     """
     h_MR = (x_MI @ a_IR) * scale
     return jnp.concatenate([x_MI, h_MR], axis=1) @ jnp.concatenate([w_IO, b_RO], axis=0)
@@ -446,7 +447,7 @@ def _widening_lora_bwd(scale, res, dy_MO):
     d_MJ = dy_MO @ jnp.concatenate([w_IO, b_RO], axis=0).T  # J = I + R: [dx_base, dy B^T]
     dh_MR = d_MJ[:, x_MI.shape[1]:] * scale
     dx_MI = d_MJ[:, :x_MI.shape[1]] + dh_MR @ a_IR.T
-    return dx_MI, None, x_MI.T @ dh_MR, h_MR.T @ dy_MO
+    return dx_MI, x_MI.T @ dy_MO, x_MI.T @ dh_MR, h_MR.T @ dy_MO
 
 
 _widening_lora.defvjp(_widening_lora_fwd, _widening_lora_bwd)

@@ -290,7 +290,7 @@ def test_concat_lora_equals_merging_the_first_then_applying_the_second():
 @pytest.mark.parametrize("rows", [96, 8])  # 96 tokens >= 64 inputs: the joined matmul; 8 (a decode step): not
 def test_widening_projection_equals_the_separate_form(rows):
     """`_project` on gate (D 64 -> F 128) joins the adapter into the base matmul for a batch of tokens; its value
-    and its gradients for x, A and B equal the separate x W + s (x A) B written out here, and W gets no gradient."""
+    and its gradients for x, W, A and B equal those of the separate x W + s (x A) B written out here."""
     from gemma_jax.model import _project
 
     rng = np.random.default_rng(3)
@@ -298,15 +298,15 @@ def test_widening_projection_equals_the_separate_form(rows):
     a, b = (jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32) for s in ((64, RANK), (RANK, 128)))
     cot = jnp.asarray(rng.standard_normal((2, rows // 2, 128)), jnp.float32)
 
-    def ours(x, a, b):
+    def ours(x, w, a, b):
         return jnp.sum(_project("gate", "BTD,DF->BTF", x, w, {"gate": {"a": a, "b": b}}, 1.5) * cot)
 
-    def separate(x, a, b):
+    def separate(x, w, a, b):
         return jnp.sum((x @ w + ((x @ a) @ b) * 1.5) * cot)
 
-    v1, g1 = jax.value_and_grad(ours, argnums=(0, 1, 2))(x, a, b)
-    v2, g2 = jax.value_and_grad(separate, argnums=(0, 1, 2))(x, a, b)
+    v1, g1 = jax.value_and_grad(ours, argnums=(0, 1, 2, 3))(x, w, a, b)
+    v2, g2 = jax.value_and_grad(separate, argnums=(0, 1, 2, 3))(x, w, a, b)
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
-    for name, u, v in zip("xab", g1, g2):
+    for name, u, v in zip("xwab", g1, g2):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4, err_msg=name)
-    assert ("custom_vjp_call" in str(jax.make_jaxpr(ours)(x, a, b))) == (rows == 96)
+    assert ("custom_vjp_call" in str(jax.make_jaxpr(ours)(x, w, a, b))) == (rows == 96)
