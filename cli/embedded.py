@@ -63,9 +63,13 @@ def check_bundled():
                          "Rebuild them with `bash scripts/tiny.sh`, or pass --base/--data explicitly.")
 
 
-def step_by_step(domain: str, reasoning: str) -> bool:
-    """The long form of the bundled traces: two equations (math), or two or more sentences (general: the state
-    after each step), rather than one line stating the result."""
+def step_by_step(domain: str, completion: str) -> bool:
+    """Whether a strictly formatted completion reasons in the long form of the bundled traces: two equations (math),
+    or two or more sentences (general: the state after each step), rather than one line stating the result."""
+    parsed = strict_blocks(completion)
+    if not parsed:
+        return False
+    reasoning = parsed[0]
     return reasoning.count("=") >= 2 if domain == "math" else reasoning.count(". ") + reasoning.endswith(".") >= 2
 
 
@@ -79,8 +83,7 @@ def reasoning_forms(records, texts) -> dict:
         for r, t in zip(records, texts):
             if (r.get("domain") == "math") != (domain == "math"):
                 continue
-            parsed = strict_blocks(t)
-            form = "step_by_step" if parsed and step_by_step(domain, parsed[0]) else "one_line"
+            form = "step_by_step" if step_by_step(domain, t) else "one_line"
             counts[form][0] += 1
             counts[form][1] += score(t, r["answer"])
         n = sum(c[0] for c in counts.values())

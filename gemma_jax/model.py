@@ -432,8 +432,7 @@ def _widening_lora(x_MI, w_IO, a_IR, b_RO, scale):
         [dx_base, dh] = dy [W; B]^T,  dh = scale dy B^T,  dx = dx_base + dh A^T,  dA = x^T dh,  dB = (scale x A)^T dy,
         dW = x^T dy (XLA drops it when, as in LoRA training, nothing differentiates W)
     """
-    h_MR = (x_MI @ a_IR) * scale
-    return jnp.concatenate([x_MI, h_MR], axis=1) @ jnp.concatenate([w_IO, b_RO], axis=0)
+    return _widening_lora_fwd(x_MI, w_IO, a_IR, b_RO, scale)[0]
 
 
 def _widening_lora_fwd(x_MI, w_IO, a_IR, b_RO, scale):

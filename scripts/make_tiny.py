@@ -141,7 +141,6 @@ def forms(base_dir, tok_path, adapters, data_dir, *, per_kind=30, group=8, seed=
     from cli.embedded import step_by_step
     from gemma_jax.sampler import generate
     from grpo.rollout import exact_match, make_score_fn, prompt_ids
-    from rewards.format import strict_blocks
     from rewards.prob import ProbRewardConfig
     from rewards.router import RewardConfig, compute_rewards
 
@@ -159,8 +158,8 @@ def forms(base_dir, tok_path, adapters, data_dir, *, per_kind=30, group=8, seed=
         texts, rows_g, tokenizer=tok, score_fn=make_score_fn(params, cfg, lora, pad_id=tok.pad_id),
         prompt_ids=[p for p in prompts for _ in range(group)],
         cfg=RewardConfig(prob=ProbRewardConfig(debias=False, std_filter=False)))
-    samples = [(task_kind(r["question"]), bool(strict_blocks(t)) and step_by_step("general", strict_blocks(t)[0]),
-                exact_match(t, r["answer"]), float(p)) for r, t, p in zip(rows_g, texts, parts["prob"])]
+    samples = [(task_kind(r["question"]), step_by_step("general", t), exact_match(t, r["answer"]), float(p))
+               for r, t, p in zip(rows_g, texts, parts["prob"])]
     heads = ["<reasoning>\n" + long_first_word(r["question"]) for r in rows]
     gen = generate(params, cfg, [p + tok.encode(h) for p, h in zip(prompts, heads)], max_new_tokens=64,
                    temperature=0.0, stop_ids=tok.stop_ids, lora=lora, pad_id=tok.pad_id)
