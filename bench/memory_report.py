@@ -1,4 +1,4 @@
-"""Memory of a full-size LoRA train step (GEMMA2_2B by default, or a Gemma 3 preset): XLA's own numbers next to
+"""Memory of a full-size LoRA train step (GEMMA2_2B by default, or any preset: --config): XLA's own numbers next to
 train/memory.py's estimate, without and with vocabulary-chunked log-probs, then what fits on a few accelerators.
 
 The step (rank 32 on q/kv/gate/up/down, bf16 base, float32 LoRA + AdamW, masked next-token CE, per-layer remat)
@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from cli.common import CHUNKED_VOCAB, LOGITS_CHUNK  # noqa: E402
 from gemma_jax import config as presets  # noqa: E402
-from gemma_jax.model import abstract_params, lora_specs  # noqa: E402
+from gemma_jax.model import ParamSpec, abstract_params, lora_specs  # noqa: E402
 from gemma_jax.scoring import token_logprobs  # noqa: E402
 from gemma_jax.sharding import (  # noqa: E402
     batch_sharding,
@@ -68,8 +68,9 @@ def abstract_inputs(cfg, rank, batch, seq_len, mesh, lora_dtype=jnp.float32):
     def sds(shape, dtype, sharding):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    lora_shape = LoRA(layers={n: {k: jax.ShapeDtypeStruct(spec.shape, lora_dtype) for k, spec in ab.items()}
-                              for n, ab in lora_specs(cfg, rank, DEFAULT_TARGETS).items()}, scale=2.0)
+    specs = lora_specs(cfg, rank, DEFAULT_TARGETS)  # Gemma 4: per-layer tuples, None where a layer has no adapter
+    lora_shape = LoRA(layers=jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, lora_dtype), specs,
+                                          is_leaf=lambda x: isinstance(x, ParamSpec)), scale=2.0)
     l_sh = lora_shardings(lora_shape, mesh)
     lora = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), lora_shape, l_sh)
     o_sh = optimizer_shardings(l_sh, mesh)

@@ -658,7 +658,11 @@ def _gemma4_layers(params, x_BTD, tokens_BT, cfg, ropes, masks_g, masks_l, cache
     Why not the layer scan: the layers differ in shape (global head dim and kv heads, KV-shared layers without
     k/v weights, double-wide MLPs), and KV-shared layers read another layer's keys/values, so a scan would need
     padded weights or several scans over runs of equal layers (runs of 5 or fewer with the 5:1 pattern).
-    Unrolled is the simplest correct form; compile time grows with depth.
+    Unrolled is the simplest correct form; compile time grows with depth. With cfg.remat each layer is checkpointed
+    (its inputs kept, the layer run again in the backward pass). XLA's CPU backend does not lower an unrolled
+    step's temp size with it (Gemma 3 unrolled neither); the saving is for accelerators' memory-aware scheduling
+    and is not measured here. A scan over runs of equal layers, weights stacked inside the step, was measured and
+    not kept (docs/performance.md, 'Gemma 4 layer runs').
     Each KV-shared layer attends with the (normed, rotated) keys and values of its LayerKind.kv_source: with a
     cache, the source's cached slots and its new keys/values (HF: the source's full-length cache states)."""
     ple_BTLP = per_layer_inputs(params, tokens_BT, x_BTD, cfg) if cfg.per_layer_input_dim else None
@@ -670,14 +674,19 @@ def _gemma4_layers(params, x_BTD, tokens_BT, cfg, ropes, masks_g, masks_l, cache
         lora_layer = None if lora is None else lora_layer_slice(lora.layers, i)
         scale = 0.0 if lora is None else lora.scale
 
-        def attend(h, kind=kind, w=w, masks=masks, k_c=k_c, v_c=v_c, lora_layer=lora_layer, scale=scale):
-            out, k, v = _attention(cfg, h, w, lora_layer, scale, ropes[kind.local], masks[0], k_c, v_c,
-                                   *masks[1:], shared_kv=None if kind.has_kv else kv[kind.kv_source])
-            return out, (k, v)
+        def layer(x_BTD, w, lora_layer, ple_BTP, sin_cos, masks, k_c, v_c, shared_kv):
+            def attend(h):
+                out, k, v = _attention(cfg, h, w, lora_layer, scale, sin_cos, masks[0], k_c, v_c, *masks[1:],
+                                       shared_kv=shared_kv)
+                return out, (k, v)
 
+            return _block(cfg, x_BTD, w, lora_layer, scale, attend, ple_BTP, shard)
+
+        if cfg.remat:  # keep the layer's inputs for the backward pass, which runs the layer again
+            layer = jax.checkpoint(layer)
         with jax.named_scope(f"layer_{i}"):
-            x_BTD, kv[i] = _block(cfg, x_BTD, w, lora_layer, scale, attend,
-                                  None if ple_BTLP is None else ple_BTLP[:, :, i], shard)
+            x_BTD, kv[i] = layer(x_BTD, w, lora_layer, None if ple_BTLP is None else ple_BTLP[:, :, i],
+                                 ropes[kind.local], masks, k_c, v_c, None if kind.has_kv else kv[kind.kv_source])
     return x_BTD, tuple(kv[i] if kind.has_kv else None for i, kind in enumerate(layer_kinds(cfg)))
 
 

@@ -352,6 +352,34 @@ def test_lora_forward_equals_merged_weights(targets):
     assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(grads))
 
 
+def test_remat_recomputes_each_layer_with_equal_gradients():
+    """cfg.remat checkpoints every Gemma 4 layer (one checkpoint per layer in the differentiated program, the
+    layers' matmuls run again in the compiled backward) and leaves the loss and the LoRA gradients unchanged."""
+    from lora import init_lora
+
+    cfg = _ALL
+    params = random_params(cfg, 8)
+    lora = init_lora(cfg, rank=4, alpha=8.0, targets=("q", "kv", "gate", "up", "down"), seed=1)
+    lora = jax.tree.map(lambda x: x + 0.05, lora)  # B != 0: every adapter's gradient flows through the model
+    tokens, mask = (jnp.asarray(x) for x in padded_batch(T))
+
+    def loss_and_grads(c):
+        loss = lambda lo: forward(params, tokens, c, pad_mask_BT=mask, lora=lo)[0].mean()  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss)), loss
+
+    (plain, _), (remat, remat_loss) = loss_and_grads(cfg), loss_and_grads(dataclasses.replace(cfg, remat=True))
+    (l0, g0), (l1, g1) = plain(lora), remat(lora)
+    assert abs(float(l0) - float(l1)) <= 1e-6
+    assert all(float(jnp.abs(a - b).max()) <= 1e-6 for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    jaxpr = jax.make_jaxpr(remat_loss)(lora)  # "remat2": the primitive of jax.checkpoint
+    assert sum(e.primitive.name == "remat2" for e in jaxpr.eqns) == cfg.num_layers
+
+    def dots(f):
+        return f.lower(lora).compile().as_text().count(" dot(")
+
+    assert dots(remat) > dots(plain)
+
+
 def test_lora_adapters_save_and_load_round_trip(tmp_path):
     """Per-layer adapters written as "{target}.{i}.a|b" (only layers that carry them) and read back exactly; a
     config without KV sharing (more k/v adapters) is refused by name."""

@@ -43,12 +43,13 @@ not make. `cpu_f32_copies=True` adds them, so the estimate can be checked agains
 shard of every layer weight in float32 (converted once, outside the layer scan), the saved layer inputs [L,b,T,D]
 again in float32, and the head's embedding copy (gathered rows or padded chunks) in float32, once unchunked and
 twice chunked.
-Gemma 4 (layers of different shapes): the weights are counted layer by layer; the activation and KV-cache terms
-use the local layers' shapes for every layer (an approximation: global layers have their own head dim, KV-shared
-layers no cache of their own). A mixture of experts (computed densely over its E experts, gemma_jax/model.py
-`_moe`) adds per layer its [b,T,E,M] expert tensors (E split by tp, as its weights are) x (MLP_COPIES + 1: the
-combine-weighted product), three more [b,T,D] float32 norm inputs and the router's [b,T,E] float32 logits and
-probabilities; its expert weights are counted with the other weights.
+Gemma 4 (layers of different shapes): weights, activations and the KV cache are counted layer by layer in each
+layer's shapes (gemma_jax.model.layer_kinds: the global layers' head dim and kv heads, the KV-shared layers'
+double-wide MLP, no keys/values or cache of their own); the peak's working set is the largest layer's. The
+per-layer-embedding inputs ([b,T,L,P], P = 256 at E2B) are not counted. A mixture of experts (computed densely
+over its E experts, gemma_jax/model.py `_moe`) adds per layer its [b,T,E,M] expert tensors (E split by tp, as its
+weights are) x (MLP_COPIES + 1: the combine-weighted product), three more [b,T,D] float32 norm inputs and the
+router's [b,T,E] float32 logits and probabilities; its expert weights are counted with the other weights.
 """
 
 import math
@@ -59,7 +60,7 @@ import numpy as np
 
 from gemma_jax.config import GemmaConfig
 from gemma_jax.decode import layer_groups
-from gemma_jax.model import ParamSpec, lora_specs, param_specs
+from gemma_jax.model import ParamSpec, layer_kinds, lora_specs, param_specs
 from gemma_jax.sharding import CACHE_AXES, MESH_AXES, logical_to_spec
 
 # How many tensors of each kind the backward pass keeps, read off XLA's buffer assignment of a float32 LoRA step
@@ -101,23 +102,33 @@ def activation_bytes(cfg: GemmaConfig, *, dtype, batch: int, seq_len: int, mesh_
     m = _mesh(mesh_shape).shape
     b, T = _split(batch, m["data"] * m["fsdp"]), seq_len
     tp = m["tp"]
-    D, F, H, L = cfg.embed_dim, _split(cfg.hidden_dim, tp), cfg.head_dim, cfg.num_layers
-    N, K, V = _split(cfg.num_heads, tp), _split(cfg.num_kv_heads, tp), _split(cfg.vocab_size, tp)
+    D, L, N, V = cfg.embed_dim, cfg.num_layers, _split(cfg.num_heads, tp), _split(cfg.vocab_size, tp)
     it, f32 = np.dtype(dtype).itemsize, 4
     norms = 4 if cfg.use_post_norms else 2
-    per_layer = {
-        "residual stream [b,T,D] f32": (norms + 2) * b * T * D * f32,
-        "LoRA inputs [b,T,D]": 2 * b * T * D * it,
-        "mlp [b,T,F]": (MLP_COPIES + ("down" in lora_targets)) * b * T * F * it,
-        "q,k,v [b,T,N+2K,H]": b * T * (N + 2 * K) * H * it,
-        "scores [b,N,T,T]": b * N * T * T * (SCORE_COPIES * f32 + 1),
-        "lora x@A [b,T,R]": len(lora_targets) * b * T * lora_rank * it,
-    }
-    if cfg.num_experts:
-        E = _split(cfg.num_experts, tp)
-        per_layer["experts [b,T,E,M]"] = (MLP_COPIES + 1) * b * T * E * cfg.moe_hidden_dim * it
-        per_layer["moe norms, router"] = 3 * b * T * D * f32 + 2 * b * T * cfg.num_experts * f32
-    one_layer = sum(per_layer.values())
+
+    def layer_terms(F, K, H, own_kv):
+        """The per-layer terms of a layer with MLP width F, K kv heads of dim H; own_kv False: a KV-shared
+        layer, whose keys and values are its source layer's (counted there)."""
+        F, K = _split(F, tp), _split(K, tp)
+        terms = {
+            "residual stream [b,T,D] f32": (norms + 2) * b * T * D * f32,
+            "LoRA inputs [b,T,D]": 2 * b * T * D * it,
+            "mlp [b,T,F]": (MLP_COPIES + ("down" in lora_targets)) * b * T * F * it,
+            "q,k,v [b,T,N+2K,H]": b * T * (N + 2 * K * own_kv) * H * it,
+            "scores [b,N,T,T]": b * N * T * T * (SCORE_COPIES * f32 + 1),
+            "lora x@A [b,T,R]": len(lora_targets) * b * T * lora_rank * it,
+        }
+        if cfg.num_experts:
+            E = _split(cfg.num_experts, tp)
+            terms["experts [b,T,E,M]"] = (MLP_COPIES + 1) * b * T * E * cfg.moe_hidden_dim * it
+            terms["moe norms, router"] = 3 * b * T * D * f32 + 2 * b * T * cfg.num_experts * f32
+        return sum(terms.values())
+
+    if cfg.layer_list:  # Gemma 4: each layer in its own shapes (layer_kinds)
+        layers = [layer_terms(k.hidden, k.kv_heads, k.head_dim, k.has_kv) for k in layer_kinds(cfg)]
+    else:
+        layers = [layer_terms(cfg.hidden_dim, cfg.num_kv_heads, cfg.head_dim, True)] * L
+    one_layer = max(layers)
     upcast = int(cpu_f32_copies and it < f32)
     if cfg.logits_chunk is None:
         logits = LOGIT_COPIES * b * T * V * f32
@@ -133,7 +144,7 @@ def activation_bytes(cfg: GemmaConfig, *, dtype, batch: int, seq_len: int, mesh_
     if remat:
         saved, working = L * b * T * D * (it + upcast * f32), max(head, 2 * one_layer)  # one layer rebuilt + grads
     else:
-        saved, working = L * one_layer, max(head, one_layer)
+        saved, working = sum(layers), max(head, one_layer)
     weights_f32 = 0
     if upcast:
         weights_f32 = sum(shard_bytes(s.shape, s.axes, np.float32, mesh_shape)
@@ -171,9 +182,13 @@ def estimate_bytes(cfg: GemmaConfig, *, param_dtype="bfloat16", lora_rank: int, 
                                cpu_f32_copies=cpu_f32_copies)["total"]
            for r in (False, True)}
     cb, cl = cache_batch or batch, cache_len or seq_len
-    L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    cache = (2 * shard_bytes((L, cb, cl, K, H), CACHE_AXES["k"], param_dtype, mesh_shape)
-             + shard_bytes((cb, cl), CACHE_AXES["pos"], np.int32, mesh_shape)
+    if cfg.layer_list:  # Gemma 4: [B,S,K,H] per layer that computes its own keys/values, in its own shapes
+        kv = sum(2 * shard_bytes((cb, cl, k.kv_heads, k.head_dim), CACHE_AXES["k"][1:], param_dtype, mesh_shape)
+                 for k in layer_kinds(cfg) if k.has_kv)
+    else:
+        kv = 2 * shard_bytes((cfg.num_layers, cb, cl, cfg.num_kv_heads, cfg.head_dim), CACHE_AXES["k"],
+                             param_dtype, mesh_shape)
+    cache = (kv + shard_bytes((cb, cl), CACHE_AXES["pos"], np.int32, mesh_shape)
              + shard_bytes((cb, cl), CACHE_AXES["valid"], np.bool_, mesh_shape) + 4)
     out = {"base_params": base, "lora_params": lora, "grads": lora, "optimizer": opt,
            "activations": act[remat], "activations_no_remat": act[False], "activations_remat": act[True],
