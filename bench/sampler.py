@@ -43,7 +43,7 @@ from configs import MODELS, bench_configs, to_tunix_model  # noqa: E402
 from tunix_utils import IdTokenizer  # noqa: E402
 
 import gemma_jax as g  # noqa: E402
-from gemma_jax.decode import unstack_layers  # noqa: E402
+from gemma_jax.decode import decode_layers, unstack_layers  # noqa: E402
 from gemma_jax.model import _mlp, count_params, init_params  # noqa: E402
 from gemma_jax.sampler import generate  # noqa: E402
 
@@ -73,7 +73,8 @@ def best_of(fns, repeats, check=None):
 def matmul_floor_s(cfg, params, B, repeats, steps=32):
     """Seconds per decode step spent in the weight matmuls alone: every layer's projections (attention replaced by
     adding the keys and values to the queries, so that no projection is dead code) and the tied logits, each
-    step's input depending on the last step's logits, over the per-layer weight copies the sampler uses. Gemma 4:
+    step's input depending on the last step's logits, over the per-layer weight copies the sampler uses
+    (decode_weights="per_layer": gate and up transposed, gemma_jax/decode.py `decode_layers`). Gemma 4:
     each layer's own projections (k only where k = v, no k/v on KV-shared layers) and the per-layer-embedding
     matmuls (the model projection once per step, each layer's gate and projection)."""
     D = cfg.embed_dim
@@ -95,10 +96,8 @@ def matmul_floor_s(cfg, params, B, repeats, steps=32):
         return x_B1D + 1e-6 * logits_B1V[..., :D]  # V >= D in the configs benchmarked here
 
     run = jax.jit(lambda x, layers, p: jax.lax.fori_loop(0, steps, lambda i, x: step(i, x, layers, p), x))
-    if cfg.layer_list:  # Gemma 4's params are per layer already
-        layers = tuple(params["layers"])
-    else:
-        layers = jax.jit(lambda p: unstack_layers(p, cfg.num_layers))(params["layers"])
+    per_layer = (lambda p: tuple(p)) if cfg.layer_list else (lambda p: unstack_layers(p, cfg.num_layers))
+    layers = jax.jit(lambda p: decode_layers(per_layer(p)))(params["layers"])  # gate and up [F, D], as decoded
     top = {k: v for k, v in params.items() if k in ("embed", "per_layer_proj")}
     x = jax.numpy.full((B, 1, D), 0.01, jax.numpy.float32)
     [(t, _)] = best_of([lambda: jax.block_until_ready(run(x, layers, top))], repeats)

@@ -95,8 +95,8 @@ def parser(prog: str, doc: str, *, train: bool = False, data: bool = True) -> ar
 def add_decode_weights_flag(p: argparse.ArgumentParser) -> None:
     """--decode-weights for the commands that decode (generate, eval); GRPO's comes from its GRPOHParams field."""
     p.add_argument("--decode-weights", choices=DECODE_WEIGHTS, default="auto",
-                   help="per_layer: decode from a per-layer copy of the weights; stacked: from the stacked weights, "
-                        "no copy; auto (default): per_layer on a CPU, else stacked")
+                   help="per_layer: decode from a per-layer copy of the weights (Gemma 4: of gate and up); stacked: "
+                        "from the weights as they are, no copy; auto (default): per_layer on a CPU, else stacked")
 
 
 def _field_comments(cls) -> dict:

@@ -454,12 +454,14 @@ _widening_lora.defvjp(_widening_lora_fwd, _widening_lora_bwd)
 
 def _project(name, eq, x, w, lora_layer, scale):
     """x @ w (+ the LoRA delta), named "projection" for the layer scan's checkpoint policy (forward_hidden).
-    An adapter on a single weight whose output is wider than its input goes through `_widening_lora` when there are
-    at least as many tokens as input features (it copies W once per call: worth it for a training batch or a
-    prefill, not for a decode step's few rows); every other adapter adds `lora_delta` to the base product."""
+    An adapter on a single input-major weight (eq's weight letters start with the adapter's input letters) whose
+    output is wider than its input goes through `_widening_lora` when there are at least as many tokens as input
+    features (it copies W once per call: worth it for a training batch or a prefill, not for a decode step's few
+    rows); every other adapter adds `lora_delta` to the base product."""
     t = lora_target(name) if lora_layer is not None and name in lora_layer else None
     n_in = 0 if t is None else math.prod(lora_layer[name]["a"].shape[:-1])
-    if t is not None and "C" not in t.b and lora_layer[name]["b"][0].size > n_in and x.size >= n_in * n_in:
+    input_major = t is not None and eq.split("->")[0].split(",")[1].startswith(t.a[:-1])  # w [in..., out...]
+    if input_major and "C" not in t.b and lora_layer[name]["b"][0].size > n_in and x.size >= n_in * n_in:
         a, b = lora_layer[name]["a"], lora_layer[name]["b"]
         lead = x.shape[:x.ndim - (len(t.a) - 1)]
         y = _widening_lora(x.reshape(-1, n_in), w.reshape(n_in, -1).astype(x.dtype),
@@ -565,8 +567,14 @@ def _attention(cfg, x_BTD, w, lora_layer, scale, sin_cos, mask_BTS, k_cache_BSKH
 
 
 def _mlp(x_BTD, w, lora_layer, scale, shard=None):
-    gate_BTF = _project("gate", "BTD,DF->BTF", x_BTD, w["gate"], lora_layer, scale)
-    up_BTF = _project("up", "BTD,DF->BTF", x_BTD, w["up"], lora_layer, scale)
+    """gelu_tanh(x gate) * (x up) @ down. gate and up may come output-major as "gate_FD" / "up_FD" ([F,D]: the
+    decode loop's per-layer copies, gemma_jax/decode.py `decode_layers`) instead of "gate" / "up" ([D,F])."""
+    def gate_or_up(name):
+        if name + "_FD" in w:
+            return _project(name, "BTD,FD->BTF", x_BTD, w[name + "_FD"], lora_layer, scale)
+        return _project(name, "BTD,DF->BTF", x_BTD, w[name], lora_layer, scale)
+
+    gate_BTF, up_BTF = gate_or_up("gate"), gate_or_up("up")
     h_BTF = constrain(jax.nn.gelu(gate_BTF, approximate=True) * up_BTF, shard, ACT_BTF)
     return _project("down", "BTF,FD->BTD", h_BTF, w["down"], lora_layer, scale)
 

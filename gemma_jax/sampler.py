@@ -11,13 +11,14 @@ traced, so changing them does not recompile.
 
 Decode weights (`decode_weights`; gemma_jax/decode.py): "per_layer" unstacks the layer weights and adapters into
 one pytree per layer before the decode loop, a second copy of them while generating (GEMMA2_2B bf16 with rank-32
-adapters: 4.2 GB); "stacked" reads each layer out of the stacked arrays inside every step, in a loop over the
-layers, with no copy (at most one group of layers' slices at a time: Gemma 2 2 layers, Gemma 3 6). Gemma 1-3
-only: Gemma 4 keeps its layers apart already and never copies them, so it takes per_layer only. "auto", the
-default, picks per_layer on a CPU, where it is measured faster (docs/performance.md, 'Decode weights'), and
-stacked on an accelerator (TPU, GPU), where the copy's memory is the certain cost (a quarter of a 16 GB TPU v5e
-chip for GEMMA2_2B) and the speed of the two has not been measured. Both give the same tokens (tested, and
-log-probs within 1e-5: the two compile to differently fused float32 arithmetic).
+adapters: 4.2 GB), with gate and up transposed to output-major [F, D] (`decode.decode_layers`); "stacked" reads
+each layer out of the stacked arrays inside every step, in a loop over the layers, with no copy (at most one group
+of layers' slices at a time: Gemma 2 2 layers, Gemma 3 6). Gemma 4 keeps its layers apart already: "stacked" reads
+them in place, and "per_layer" copies only gate and up (transposed). "auto", the default, picks per_layer on a
+CPU, where it is measured faster (docs/performance.md, 'Decode weights'), and stacked on an accelerator (TPU,
+GPU), where the copy's memory is the certain cost (a quarter of a 16 GB TPU v5e chip for GEMMA2_2B) and the speed
+of the two has not been measured. Both give the same tokens (tested, and log-probs within 1e-5: the two compile to
+differently fused float32 arithmetic).
 
 Sampling follows Tunix 0.1.7 (`tunix/generate/sampler.py`, `sample_top_p`): logits are divided by the
 temperature, then the top_k largest are kept (all of them when top_k is None or 0), then top-p keeps the sorted
@@ -161,12 +162,14 @@ def _generate_jit(params, lora, tokens_BP, mask_BP, seed, temperature, top_p, *,
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(R))
     stop_S = jnp.asarray(stop_ids, jnp.int32)
     L = cfg.num_layers
-    if decode_weights == "stacked":  # read in place by decode_step_stacked
+    if decode_weights == "stacked" and not cfg.layer_list:  # read in place by decode_step_stacked
         layers, lora_layers = params["layers"], None if lora is None else lora.layers
         step, from_prefill, grow = decode.decode_step_stacked, decode.stacked_from_prefill, decode.grow_stacked
     else:
         step, from_prefill, grow = decode.decode_step, decode.from_prefill, decode.grow
         layers = tuple(params["layers"]) if cfg.layer_list else decode.unstack_layers(params["layers"], L)
+        if decode_weights == "per_layer":
+            layers = decode.decode_layers(layers)
         if lora is not None and cfg.layer_list:  # Gemma 4's adapters are already per layer (None: no adapter)
             lora_layers = tuple(lora_layer_slice(lora.layers, i) for i in range(L))
         else:
@@ -247,16 +250,14 @@ DECODE_WEIGHTS = ("auto", "per_layer", "stacked")
 
 def resolve_decode_weights(decode_weights: str, cfg: GemmaConfig, params) -> str:
     """"per_layer" or "stacked": `decode_weights` itself, or for "auto" the default (module docstring): per_layer
-    for Gemma 4 and on a CPU (the platform of the params' devices), else stacked."""
+    on a CPU (the platform of the params' devices), else stacked."""
     if decode_weights not in DECODE_WEIGHTS:
         raise ValueError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {decode_weights!r}")
-    if decode_weights == "stacked" and cfg.layer_list:
-        decode.layer_groups(cfg)  # raises: Gemma 4 has no stacked layers
     if decode_weights != "auto":
         return decode_weights
     devices = getattr(params["embed"], "devices", None)
     platform = next(iter(devices())).platform if devices else jax.default_backend()
-    return "per_layer" if platform == "cpu" or cfg.layer_list else "stacked"
+    return "per_layer" if platform == "cpu" else "stacked"
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, num_samples, stop_ids, decode_segment):
@@ -289,9 +290,9 @@ def generate(params, cfg: GemmaConfig, prompts, *, max_new_tokens: int, temperat
     prompt_bucket: pad prompts to exactly this length (default: `bucket_length` of the longest prompt).
     decode_segment: decode steps per segment (see `decode_segments`): smaller reads fewer unwritten cache slots
         in the global layers but compiles more loop bodies.
-    decode_weights: "per_layer" (a second copy of the layer weights while decoding), "stacked" (no copy; not for
-        Gemma 4, which never copies) or "auto": per_layer on a CPU, where it is faster, stacked on a TPU or GPU
-        (module docstring). The same tokens either way, log-probs within 1e-5.
+    decode_weights: "per_layer" (a second copy of the layer weights while decoding; Gemma 4: of gate and up),
+        "stacked" (no copy) or "auto": per_layer on a CPU, where it is faster, stacked on a TPU or GPU (module
+        docstring). The same tokens either way, log-probs within 1e-5.
     Returns a SampleOutput whose rows i*G .. i*G+G-1 belong to prompt i.
     """
     stop_ids = tuple(int(s) for s in ([stop_ids] if np.isscalar(stop_ids) else stop_ids))

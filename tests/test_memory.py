@@ -63,7 +63,7 @@ def test_gemma4_estimate_counts_each_layer_in_its_shapes():
 def test_decode_weights_stacked_drop_the_per_layer_copy():
     """The sampling estimate with decode_weights="stacked" counts one group's layer slices (TINY: p = 2 of 4
     layers) instead of the per-layer copy of all the layers and adapters; its sample_total is lower by exactly the
-    difference. Gemma 4 (listed layers) never copies them: 0 either way."""
+    difference. Gemma 4 (listed layers, read in place): per_layer copies gate and up only, stacked nothing."""
     kw = dict(param_dtype="float32", lora_rank=4, batch=3, seq_len=16, cache_batch=3, cache_len=40)
     per_layer = memory.estimate_bytes(TINY, **kw)
     stacked = memory.estimate_bytes(TINY, **kw, decode_weights="stacked")
@@ -74,8 +74,10 @@ def test_decode_weights_stacked_drop_the_per_layer_copy():
         {k: v for k, v in stacked.items() if "decode" not in k and "sample" not in k}
     from gemma_jax.config import TINY_GEMMA4
 
-    for w in ("per_layer", "stacked"):
-        assert memory.estimate_bytes(TINY_GEMMA4, **kw, decode_weights=w)["decode_weights"] == 0
+    params = init_params(TINY_GEMMA4, 0)
+    gate_up = sum(w["gate"].nbytes + w["up"].nbytes for w in params["layers"])
+    assert memory.estimate_bytes(TINY_GEMMA4, **kw, decode_weights="per_layer")["decode_weights"] == gate_up
+    assert memory.estimate_bytes(TINY_GEMMA4, **kw, decode_weights="stacked")["decode_weights"] == 0
     with pytest.raises(ValueError, match="decode_weights must be"):
         memory.estimate_bytes(TINY, **kw, decode_weights="auto")
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_utils import random_params
 from tunix_utils import IdTokenizer, to_tunix
 
 import gemma_jax as g
@@ -31,6 +32,11 @@ def _diverse_params(cfg, seed):
     """Random weights whose greedy output does not collapse to one repeated token: with the default init the tied
     embedding dominates the residual and the model predicts its input again. A smaller embedding, larger layer
     weights and non-zero norms give ~25 distinct tokens in 32 greedy steps."""
+    if cfg.layer_list:  # Gemma 4: norms scale by w (around 1), layers listed
+        p = random_params(cfg, seed)
+        layers = [{k: v if "norm" in k or k == "layer_scalar" else 2.0 * v for k, v in w.items()}
+                  for w in p["layers"]]
+        return {**p, "layers": layers, "embed": 0.3 * p["embed"]}
     p = init_params(cfg, seed)
     key = jax.random.key(seed + 100)
     layers = {k: (0.3 * jax.random.normal(jax.random.fold_in(key, i), v.shape) if "norm" in k else 2.0 * v)
@@ -296,7 +302,7 @@ def test_buckets_and_bad_input(params):
     with pytest.raises(ValueError, match="decode_weights must be one of"):
         generate(params, cfg, [[2, 3]], max_new_tokens=2, decode_weights="scan")
     with pytest.raises(ValueError, match=r"Gemma 4 \(cfg.layer_list\) keeps one pytree per layer"):
-        generate(None, TINY_GEMMA4, [[2, 3]], max_new_tokens=2, decode_weights="stacked")
+        decode.layer_groups(TINY_GEMMA4)
 
 
 def test_decode_segments_and_buffer_lengths():
@@ -317,6 +323,8 @@ def test_decode_segments_and_buffer_lengths():
 # Gemma 2 (local, global) x 2: one loop over 2 groups of 2; Gemma 3 with 8 layers: 5 local + 1 global, then a loop
 # over the last 2 (local) layers.
 STACKED_CASES = {"gemma2": g.TINY, "gemma3": dataclasses.replace(g.TINY_GEMMA3, num_layers=8)}
+# Gemma 4: "stacked" reads its listed layers in place, "per_layer" copies gate and up (transposed).
+STACKED_CASES["gemma4"] = TINY_GEMMA4
 
 
 @pytest.mark.parametrize("name", sorted(STACKED_CASES))
@@ -331,7 +339,8 @@ def test_stacked_decode_weights_give_the_per_layer_output(name):
     adapters = lora_lib.init_lora(cfg, rank=4, alpha=8.0, seed=1)
     adapters = dataclasses.replace(adapters, layers=jax.tree.map(
         lambda b: 0.5 * jax.random.normal(jax.random.key(4), b.shape), adapters.layers))
-    assert decode.layer_groups(cfg) == {"gemma2": ((0, 2, 2),), "gemma3": ((0, 6, 1), (6, 1, 2))}[name]
+    if name != "gemma4":
+        assert decode.layer_groups(cfg) == {"gemma2": ((0, 2, 2),), "gemma3": ((0, 6, 1), (6, 1, 2))}[name]
     prompts = _prompts([3, 11, 16], seed=2)
     segment = 8 if name == "gemma2" else 64
     for kw in (dict(temperature=0.0), dict(temperature=0.9, top_k=30, seed=7, num_samples=2)):
@@ -363,6 +372,29 @@ def test_stacked_decode_weights_hold_no_copy():
     print(f"layer weights {layer_bytes} B, XLA temp bytes {temp}")
     assert temp["per_layer"] >= layer_bytes  # the copy is there
     assert temp["per_layer"] - temp["stacked"] >= layer_bytes * 2 // 4
+
+
+def test_gemma4_per_layer_decode_copies_gate_and_up_only():
+    """Gemma 4: XLA's temp bytes of the compiled generate with decode_weights="per_layer" exceed "stacked" (layers
+    read in place) by at least the gate and up weights (their transposed copies) and by less than all the layer
+    weights, and train/memory.py's decode_weights term is exactly those gate and up bytes."""
+    from gemma_jax.sampler import _generate_jit
+    from train import memory
+
+    cfg = dataclasses.replace(TINY_GEMMA4, embed_dim=256, hidden_dim=1024, vocab_size=256)
+    params = abstract_params(cfg)
+    gate_up = sum((w["gate"].size + w["up"].size) * 4 for w in params["layers"])
+    layer_bytes = sum(x.size * 4 for x in jax.tree.leaves(params["layers"]))
+    args = (params, None, jax.ShapeDtypeStruct((2, 16), jnp.int32), jax.ShapeDtypeStruct((2, 16), bool),
+            jnp.uint32(0), jnp.float32(1.0), jnp.float32(1.0))
+    temp = {w: _generate_jit.lower(*args, cfg=cfg, max_new_tokens=8, num_samples=1, top_k=None, greedy=True,
+                                   use_top_p=False, stop_ids=(1,), pad_id=0, decode_segment=64,
+                                   decode_weights=w).compile().memory_analysis().temp_size_in_bytes
+            for w in ("per_layer", "stacked")}
+    print(f"gate+up {gate_up} B, layer weights {layer_bytes} B, XLA temp bytes {temp}")
+    assert gate_up <= temp["per_layer"] - temp["stacked"] < layer_bytes
+    est = memory.estimate_bytes(cfg, param_dtype="float32", lora_rank=4, batch=2, seq_len=24)
+    assert est["decode_weights"] == gate_up
 
 
 def test_segments_and_ring_buffers_equal_teacher_forcing(params):

@@ -13,7 +13,8 @@ rules (with its divisibility fallback, so the sharded sizes are exact):
                   the sampler's decode loop reads (gemma_jax.decode.unstack_layers), alive while sampling next to
                   the stacked originals; "stacked": the slices of one group of p layers (decode.layer_groups:
                   Gemma 2 p = 2, Gemma 3 p = 6 of the L layers), which a backend that copies a slice before a
-                  matmul (XLA's CPU backend does) may hold together; Gemma 4 (listed layers): 0 either way
+                  matmul (XLA's CPU backend does) may hold together; Gemma 4 (listed layers, read in place):
+                  "per_layer" its gate and up weights (the decode loop's transposed copies), "stacked" 0
 All but the activations are exact sums of array sizes; activations are a model of what XLA keeps, checked
 against `compiled.memory_analysis().temp_size_in_bytes` in tests/test_memory.py (within the factor stated there).
 
@@ -203,8 +204,11 @@ def _decode_weight_bytes(cfg, decode_weights, specs, lora, param_dtype, mesh_sha
     """The `decode_weights` term of estimate_bytes (module docstring); lora: the adapters' bytes."""
     if decode_weights not in ("per_layer", "stacked"):
         raise ValueError(f"decode_weights must be 'per_layer' or 'stacked', got {decode_weights!r}")
-    if cfg.layer_list:  # Gemma 4: the decode loop reads the listed layers in place
-        return 0
+    if cfg.layer_list:  # Gemma 4: listed layers read in place; per_layer copies gate and up (transposed)
+        if decode_weights == "stacked":
+            return 0
+        return sum(shard_bytes(w[n].shape, w[n].axes, param_dtype, mesh_shape)
+                   for w in specs["layers"] for n in ("gate", "up"))
     copy = sum(shard_bytes(s.shape, s.axes, param_dtype, mesh_shape) for s in _spec_leaves(specs["layers"])) + lora
     if decode_weights == "per_layer":
         return copy
