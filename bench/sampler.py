@@ -8,8 +8,9 @@ alternating), after a warm-up call that compiles. Two rates per sampler:
     total tok/s    B*N / time of the call with N new tokens: prefill of B*P tokens included.
 Per row also the decode step's weight-matmul floor: the time of that step's weight matmuls alone (q, k, v, o,
 gate, up, down in every layer and the tied logits, chained layer to layer over the same per-layer weights the
-sampler uses; no attention over the cache, no norms, no sampling), and the ratio ceiling, Tunix's decode ms/step
-over that floor: no sampler that runs these matmuls through XLA's CPU kernels can beat Tunix by more.
+sampler uses, gate and up output-major as its decode loop holds them; no attention over the cache, no norms, no
+sampling), and the ratio ceiling, Tunix's decode ms/step over that floor: no sampler that runs these matmuls in
+this layout through XLA's CPU kernels can beat Tunix by more (another layout can move the floor: it did).
 Greedy unless --sample (T 0.6, top-k 50, as in the GRPO recipe; Tunix needs top_p for that mode, so top_p=1.0
 there). Configs from bench/configs.py: Gemma 2's TINY and MID with query_pre_attn_scalar = head_dim (Tunix's Gemma
 hard-codes that query scale) or, with --model gemma3, TINY_GEMMA3 and MID_GEMMA3 on Tunix's Gemma 3 (--model
