@@ -72,9 +72,9 @@ def decode_layers(layers):
     """The per-layer weights as `decode_step` reads them with decode_weights="per_layer": each layer's gate and up
     transposed to output-major [F, D] ("gate_FD", "up_FD"; model._mlp reads either form), the rest as given.
     For a few rows per step, XLA's CPU matmul reads a [D, F] weight more slowly than its [F, D] transpose: one
-    [32, 512] x [512, 4096] product 1.04 ms against 0.70 ms, and MID_GEMMA4's B 32 decode step 35.9 -> 31.1 ms
-    (docs/performance.md, 'Decode weights'). The transposes are copies: free for Gemma 1-3, whose per-layer weights
-    are copies already, and the gate and up weights once more for Gemma 4."""
+    [32, 512] x [512, 4096] product 1.04 ms against 0.70 ms, and MID_GEMMA4's B 32 decode step 35.9 -> 31.4 ms
+    (docs/performance.md, 'Gate and up output-major in the decode loop'). The transposes are copies: free for
+    Gemma 1-3, whose per-layer weights are copies already, and the gate and up weights once more for Gemma 4."""
     return tuple({**{k: v for k, v in w.items() if k not in ("gate", "up")},
                   "gate_FD": jnp.swapaxes(w["gate"], -1, -2), "up_FD": jnp.swapaxes(w["up"], -1, -2)}
                  for w in layers)

@@ -72,8 +72,6 @@ def test_decode_weights_stacked_drop_the_per_layer_copy():
     assert per_layer["sample_total"] - stacked["sample_total"] == copy - copy // 2
     assert {k: v for k, v in per_layer.items() if "decode" not in k and "sample" not in k} == \
         {k: v for k, v in stacked.items() if "decode" not in k and "sample" not in k}
-    from gemma_jax.config import TINY_GEMMA4
-
     params = init_params(TINY_GEMMA4, 0)
     gate_up = sum(w["gate"].nbytes + w["up"].nbytes for w in params["layers"])
     assert memory.estimate_bytes(TINY_GEMMA4, **kw, decode_weights="per_layer")["decode_weights"] == gate_up
