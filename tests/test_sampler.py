@@ -353,22 +353,28 @@ def test_stacked_decode_weights_give_the_per_layer_output(name):
         assert len({t for row in stacked.tokens.tolist() for t in row}) >= 15  # a non-degenerate output
 
 
+def _generate_temp_bytes(cfg, params):
+    """{decode_weights: XLA's temp bytes of generate compiled for abstract params} (2 prompts of 16 tokens, 8 new
+    greedy tokens), for "per_layer" and "stacked"."""
+    from gemma_jax.sampler import _generate_jit
+
+    args = (params, None, jax.ShapeDtypeStruct((2, 16), jnp.int32), jax.ShapeDtypeStruct((2, 16), bool),
+            jnp.uint32(0), jnp.float32(1.0), jnp.float32(1.0))
+    return {w: _generate_jit.lower(*args, cfg=cfg, max_new_tokens=8, num_samples=1, top_k=None, greedy=True,
+                                   use_top_p=False, stop_ids=(1,), pad_id=0, decode_segment=64,
+                                   decode_weights=w).compile().memory_analysis().temp_size_in_bytes
+            for w in ("per_layer", "stacked")}
+
+
 def test_stacked_decode_weights_hold_no_copy():
     """XLA's own temp bytes of the compiled generate (4 layers whose weights dwarf the rest): the stacked path's
     temporaries are smaller than the per-layer path's by at least the weights of the L - p = 2 layers outside one
     group (p = 2: the slices of one group may be alive together, module docstring of gemma_jax/decode.py)."""
-    from gemma_jax.sampler import _generate_jit
-
     cfg = dataclasses.replace(g.TINY, embed_dim=256, hidden_dim=1024, num_heads=4, num_kv_heads=2, head_dim=64,
                               query_pre_attn_scalar=64)
     params = abstract_params(cfg)
     layer_bytes = sum(x.size * 4 for x in jax.tree.leaves(params["layers"]))
-    args = (params, None, jax.ShapeDtypeStruct((2, 16), jnp.int32), jax.ShapeDtypeStruct((2, 16), bool),
-            jnp.uint32(0), jnp.float32(1.0), jnp.float32(1.0))
-    temp = {w: _generate_jit.lower(*args, cfg=cfg, max_new_tokens=8, num_samples=1, top_k=None, greedy=True,
-                                   use_top_p=False, stop_ids=(1,), pad_id=0, decode_segment=64,
-                                   decode_weights=w).compile().memory_analysis().temp_size_in_bytes
-            for w in ("per_layer", "stacked")}
+    temp = _generate_temp_bytes(cfg, params)
     print(f"layer weights {layer_bytes} B, XLA temp bytes {temp}")
     assert temp["per_layer"] >= layer_bytes  # the copy is there
     assert temp["per_layer"] - temp["stacked"] >= layer_bytes * 2 // 4
@@ -378,19 +384,13 @@ def test_gemma4_per_layer_decode_copies_gate_and_up_only():
     """Gemma 4: XLA's temp bytes of the compiled generate with decode_weights="per_layer" exceed "stacked" (layers
     read in place) by at least the gate and up weights (their transposed copies) and by less than all the layer
     weights, and train/memory.py's decode_weights term is exactly those gate and up bytes."""
-    from gemma_jax.sampler import _generate_jit
     from train import memory
 
     cfg = dataclasses.replace(TINY_GEMMA4, embed_dim=256, hidden_dim=1024, vocab_size=256)
     params = abstract_params(cfg)
     gate_up = sum((w["gate"].size + w["up"].size) * 4 for w in params["layers"])
     layer_bytes = sum(x.size * 4 for x in jax.tree.leaves(params["layers"]))
-    args = (params, None, jax.ShapeDtypeStruct((2, 16), jnp.int32), jax.ShapeDtypeStruct((2, 16), bool),
-            jnp.uint32(0), jnp.float32(1.0), jnp.float32(1.0))
-    temp = {w: _generate_jit.lower(*args, cfg=cfg, max_new_tokens=8, num_samples=1, top_k=None, greedy=True,
-                                   use_top_p=False, stop_ids=(1,), pad_id=0, decode_segment=64,
-                                   decode_weights=w).compile().memory_analysis().temp_size_in_bytes
-            for w in ("per_layer", "stacked")}
+    temp = _generate_temp_bytes(cfg, params)
     print(f"gate+up {gate_up} B, layer weights {layer_bytes} B, XLA temp bytes {temp}")
     assert gate_up <= temp["per_layer"] - temp["stacked"] < layer_bytes
     est = memory.estimate_bytes(cfg, param_dtype="float32", lora_rank=4, batch=2, seq_len=24)
