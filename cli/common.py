@@ -187,7 +187,7 @@ def load_model(base: str | None, tokenizer_path: str | None = None, adapters: st
             lora = load_adapters(adapters, cfg)
     # The arrays' host-to-device copies run asynchronously: wait for them here, so that an input error raised
     # next (a data file's column, say) does not end the process while a copy is in flight, which aborted it
-    # ("terminate called without an active exception", exit -6) in about 1 run in 8 on a loaded 2-core CPU.
+    # ("terminate called without an active exception", exit -6) in 1 of 8 runs on a loaded 2-core CPU.
     jax.block_until_ready((params, lora))
     return cfg, params, lora, tokenizer
 
