@@ -17,8 +17,6 @@ import sys
 import types
 import typing
 
-import jax
-
 import gemma_jax
 from gemma_jax.sampler import DECODE_WEIGHTS
 from gemma_jax.sharding import make_mesh
@@ -185,10 +183,6 @@ def load_model(base: str | None, tokenizer_path: str | None = None, adapters: st
     if adapters:
         with user_input(f"{adapters_flag} {adapters}"):
             lora = load_adapters(adapters, cfg)
-    # The arrays' host-to-device copies run asynchronously: wait for them here, so that an input error raised
-    # next (a data file's column, say) does not end the process while a copy is in flight, which aborted it
-    # ("terminate called without an active exception", exit -6) in 1 of 8 runs on a loaded 2-core CPU.
-    jax.block_until_ready((params, lora))
     return cfg, params, lora, tokenizer
 
 

@@ -18,9 +18,11 @@ and raises a ValueError naming the file, the missing columns and the columns fou
 that lacks a key simply comes back without it (the converters count it as a `missing_column` drop).
 """
 
+import csv
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -103,11 +105,34 @@ def _open_csv(path, **kw):
         raise ValueError(f"{path}: not a readable CSV file ({e})") from None
 
 
+def _csv_header(path) -> list:
+    """The column names: the file's first non-empty record, parsed by Python's csv module.
+
+    Not by a pyarrow reader opened for the header alone: such a reader (with a Python invalid-row handler, else a
+    bad row in the first block fails the open) goes on reading ahead on pyarrow's threads after it is dropped; a
+    process that then exits at once (a missing column is a one-line error) could end while a pyarrow thread still
+    had to release the Python handler, and aborted ("terminate called without an active exception"). The names
+    equal pyarrow's (UTF-8 BOM dropped, blank lines before the header skipped, quoted names holding commas, quotes
+    and newlines: tests/test_data_readers.py compares them); a header pyarrow would bend into shape is an error.
+    """
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    try:
+        # surrogateescape: bytes after the header are decoded with it but never read here; the header is checked.
+        with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            names = next((record for record in csv.reader(f, strict=True) if record), None)
+        if names is None:
+            raise ValueError("no header row")
+        try:
+            "".join(names).encode("utf-8")
+        except UnicodeEncodeError:  # an undecodable byte, escaped by surrogateescape
+            raise ValueError("a column name is not valid UTF-8") from None
+    except (OSError, EOFError, zlib.error, ValueError, csv.Error) as e:
+        raise ValueError(f"{path}: not a readable CSV file (header: {e})") from None
+    return names
+
+
 def _iter_csv(path, columns, optional, on_bad_line):
-    # First open only to learn the header; the second open reads every column as a string.
-    skip_all = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda row: "skip")
-    found = _open_csv(path, parse_options=skip_all).schema.names
-    read = _select(path, found, columns, optional)
+    read = _select(path, _csv_header(path), columns, optional)
     bad = []
 
     def on_invalid(row):
@@ -120,7 +145,7 @@ def _iter_csv(path, columns, optional, on_bad_line):
     reader = _open_csv(
         path,
         parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in found}, include_columns=read),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in read}, include_columns=read),
     )
     i = 0
     try:

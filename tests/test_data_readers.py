@@ -76,6 +76,42 @@ def test_csv_reads_strings_multiline_values_and_counts_bad_rows(tmp_path):
         list(iter_rows(path, ["question"], on_bad_line="raise"))
 
 
+# Headers whose names must come out as pyarrow's own CSV reader reads them (the reader parses the header itself).
+HEADERS = {"bom": b"\xef\xbb\xbfq,a\n1,2\n", "blank_lines_first": b"\r\n\nq,a\r\n1,2\r\n",
+           "quoted": b'"q\nx","a,""b""",\n1,2,3\n', "spaces_and_empty": b" q ,,a\n1,2,3\n",
+           "carriage_returns": b"q,a\r1,2\r", "bad_first_row": b"q,a\n1\n1,2\n", "duplicate": b"q,q\n1,2\n",
+           "non_ascii": "préface,答え\n1,2\n".encode()}
+
+
+@pytest.mark.parametrize("name", sorted(HEADERS))
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_csv_header_names_equal_pyarrows(tmp_path, name, suffix):
+    import pyarrow.csv as pacsv
+
+    path = tmp_path / f"h{suffix}"
+    (gzip.open if suffix.endswith(".gz") else open)(path, "wb").write(HEADERS[name])
+    skip = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda row: "skip")
+    expected = pacsv.open_csv(path, parse_options=skip).schema.names
+    with pytest.raises(ValueError) as e:
+        next(iter_rows(path, ["not_there"]))
+    assert e.value.args[0].endswith(f"missing required column(s) ['not_there']; columns found: {expected}")
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "no header row"), (b"\n\n", "no header row"), (b'"q,a\n1,2\n', "unexpected end of data"),
+    (b"caf\xe9,a\n1,2\n", "a column name is not valid UTF-8"), (b'"q"x,a\n1,2\n', "',' expected after '\"'")])
+def test_csv_bad_header_is_one_error_naming_the_file(tmp_path, content, reason):
+    path = tmp_path / "h.csv"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        next(iter_rows(path, ["q"]))
+    assert e.value.args[0] == f"{path}: not a readable CSV file (header: {reason})"
+    # a byte that is not UTF-8 after the header is the rows' error (pyarrow's), not the header's
+    path.write_bytes(b"q,a\ncaf\xe9,2\n")
+    with pytest.raises(ValueError, match=r"h\.csv: not a readable CSV file \(In CSV column #0: .*invalid UTF8"):
+        next(iter_rows(path, ["q"]))
+
+
 def test_csv_gz(tmp_path):
     path = tmp_path / "r.csv.gz"
     with gzip.open(path, "wt") as f:
