@@ -590,8 +590,10 @@ def _moe(cfg, x_BTD, w):
     there is no gather, sort or capacity, and the gradient is that of plain einsums. The price: E / A times the
     expert FLOPs (16x for 26B-A4B: its experts then cost 3 x 128 x 2816 x 704 x 2 = 1.5 GFLOP per token and
     layer instead of 95 M) and [B,T,E,M] expert activations (2 x 2048 tokens: 369 M numbers per tensor per
-    layer, 0.74 GB in bf16, before any tp split of E). A sorted dispatch with jax.lax.ragged_dot (as Tunix does)
-    would remove both; it is not written yet. The router's top-k is not differentiated (the weights c are)."""
+    layer, 0.74 GB in bf16, before any tp split of E). A sorted dispatch would remove both; none is written yet
+    (docs/performance.md 'Mixture-of-experts dispatch': jax.lax.ragged_dot, Tunix's way, is slower than this on a
+    CPU; a sharded one needs an accelerator to measure). The router's top-k is not differentiated (the weights c
+    are)."""
     E, A, D = cfg.num_experts, cfg.top_k_experts, cfg.embed_dim
     dtype = x_BTD.dtype
     with jax.named_scope("router"):
