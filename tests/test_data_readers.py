@@ -190,7 +190,7 @@ def test_readers_stream_without_reading_the_whole_file(tmp_path):
     jl.write_text('{"a": "x"}\n' * 50_000 + "{broken\n")
     assert len(list(itertools.islice(iter_rows(jl, on_bad_line="raise"), 10))) == 10
     cv = tmp_path / "big.csv"
-    cv.write_text("a,b\n" + "x,y\n" * 1_000_000 + "only_one_field\n")  # ~4 MB: several 1 MB CSV blocks
+    cv.write_text("a,b\n" + "x,y\n" * 1_000_000 + "only_one_field\n")  # ~4 MB
     assert list(itertools.islice(iter_rows(cv, ["a"], on_bad_line="raise"), 3)) == [(i, {"a": "x"}) for i in range(3)]
     with pytest.raises(ValueError, match=r"big\.csv: line 1000002: CSV row with 1 fields, expected 2"):
         list(iter_rows(cv, ["a"], on_bad_line="raise"))
