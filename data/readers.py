@@ -112,20 +112,21 @@ def _not_utf8(fields) -> bool:
         return True
 
 
-def _csv_header(path) -> list:
-    """The column names: the file's first non-empty record. Its names equal pyarrow's CSV reader's (UTF-8 BOM
-    dropped, blank lines before it skipped, quoted names holding commas, quotes and newlines: tests compare them);
-    a header that only a lenient parser reads (an unterminated quote, text after a closing quote) is an error."""
+def _csv_header(path, f) -> tuple[list, int]:
+    """(column names, lines read): the first non-empty record of the open CSV file f, which is left just past it.
+    The names equal pyarrow's CSV reader's (UTF-8 BOM dropped, blank lines before them skipped, quoted names
+    holding commas, quotes and newlines: tests compare them); a header that only a lenient parser reads (an
+    unterminated quote, text after a closing quote) is an error."""
     try:
-        with _open_text(path) as f:
-            names = next((record for record in csv.reader(f, strict=True) if record), None)
+        records = csv.reader(f, strict=True)
+        names = next((record for record in records if record), None)
         if names is None:
             raise ValueError("no header row")
         if _not_utf8(names):
             raise ValueError("a column name is not valid UTF-8")
     except (OSError, EOFError, zlib.error, ValueError, csv.Error) as e:
         raise ValueError(f"{path}: not a readable CSV file (header: {e})") from None
-    return names
+    return names, records.line_num
 
 
 def _iter_csv(path, columns, optional, on_bad_line):
@@ -133,20 +134,17 @@ def _iter_csv(path, columns, optional, on_bad_line):
     streaming reader reads ahead on threads of its own that hold our Python bad-row handler; a process that exited
     right after dropping such a reader, as a missing-column error does, aborted now and then with "terminate called
     without an active exception" when one of those threads let go of the handler. The price: 300k rows of 3
-    columns take 0.31 s here against pyarrow's 0.10-0.18 s, little next to tokenizing them.)"""
+    columns take 0.31-0.38 s here against pyarrow's 0.10-0.19 s, little next to tokenizing them.)"""
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long traces: the default limit is 128 KB a field
-    header = _csv_header(path)
-    where = {c: header.index(c) for c in _select(path, header, columns, optional)}  # column -> field number
-    i, line, seen_header = 0, 0, False  # i: the data row's index; line: the last line read
     with _open_text(path) as f:
-        records = csv.reader(f)  # lenient past the header, as pyarrow: '"a"b' reads as 'ab'
+        header, header_lines = _csv_header(path, f)
+        where = {c: header.index(c) for c in _select(path, header, columns, optional)}  # column -> field number
+        records = csv.reader(f)  # the rest of f, lenient as pyarrow is: '"a"b' reads as 'ab'
+        i, line = 0, header_lines  # i: the data row's index; line: the last line read
         try:
             for record in records:
-                first, line = line + 1, records.line_num
+                first, line = line + 1, header_lines + records.line_num
                 if not record:  # a blank line
-                    continue
-                if not seen_header:  # the header record, checked by _csv_header
-                    seen_header = True
                     continue
                 problem = (f"CSV row with {len(record)} fields, expected {len(header)}" if len(record) != len(header)
                            else "not valid UTF-8" if _not_utf8([record[j] for j in where.values()]) else None)
